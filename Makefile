@@ -1,0 +1,35 @@
+# Two commands set everything up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch/torchvision are pinned here (not in pyproject) to the builds that
+# resolve from local files on the project machines; open_clip needs a
+# torchvision built against the same torch.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean fixtures
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_PINS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@bash scripts/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+fixtures: $(STAMP)
+	$(PY) -m fixtures.generate --out fixtures/tiny
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,81 @@
+"""Typed errors. Each maps to one exit code; the CLI prints them as one `error: ...` line.
+
+Exit codes (documented in README.md):
+  0  success / no differences / all checks passed
+  1  a result the user asked about is negative: differences found, a check failed,
+     an output did not match its plan
+  2  unreadable or invalid input, bad arguments, mismatched inputs
+  3  unsafe input: a pickle that would run code if loaded
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class OmgError(Exception):
+    exit_code = 1
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = str(path) if path is not None else None
+
+    def one_line(self) -> str:
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        return " ".join(text.split())
+
+
+class CheckFailed(OmgError):
+    """A negative answer: differences found, a verification check failed."""
+
+    exit_code = 1
+
+
+class UnreadableInput(OmgError):
+    """Truncated, corrupt or malformed input; a missing file or shard."""
+
+    exit_code = 2
+
+
+class InvalidArgument(OmgError):
+    """Bad option values, unresolvable names, inputs that do not fit together."""
+
+    exit_code = 2
+
+
+class MismatchError(InvalidArgument):
+    """Two inputs disagree (base vs checkpoint shapes, LoRA rank, missing target)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason a pickle is unsafe: what it references, with which opcode, where."""
+
+    module: str
+    name: str
+    opcode: str
+    offset: int
+    member: str = ""
+
+    def describe(self) -> str:
+        where = f"{self.member}@{self.offset}" if self.member else f"@{self.offset}"
+        target = f"{self.module}.{self.name}" if self.module or self.name else "?"
+        return f"{target} ({self.opcode} {where})"
+
+    def as_dict(self) -> dict:
+        return {"global": f"{self.module}.{self.name}", "opcode": self.opcode,
+                "offset": self.offset, "member": self.member}
+
+
+class UnsafeInput(OmgError):
+    """A pickle references something outside the allowlist; it was never executed."""
+
+    exit_code = 3
+
+    def __init__(self, path: str | Path, findings: list[Finding]):
+        shown = ", ".join(f.describe() for f in findings[:5])
+        more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
+        super().__init__(f"refused, unsafe pickle: {shown}{more}", path)
+        self.findings = findings

@@ -1,0 +1,136 @@
+"""Format readers and writers. `open_checkpoint` picks the reader from the path.
+
+Files: torch zip (`torch.save`), legacy torch pickles, safetensors.
+Folders: HF model folders (single file or sharded index, safetensors or
+pytorch_model*.bin), PEFT adapter folders, DeepSpeed checkpoint folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omgtool.errors import UnreadableInput
+from omgtool.formats.base import Checkpoint, SafetyReport, TensorInfo
+
+__all__ = ["Checkpoint", "SafetyReport", "TensorInfo", "open_checkpoint", "open_file"]
+
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+DEEPSPEED_FILE = "mp_rank_00_model_states.pt"
+
+
+def open_file(path: Path) -> Checkpoint:
+    from omgtool.formats.safetensors_file import read_safetensors
+    from omgtool.formats.torch_file import is_zip, read_torch_legacy, read_torch_zip
+
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableInput("file is empty", path)
+        if path.suffix == ".safetensors":
+            return read_safetensors(path)
+        if is_zip(path):
+            return read_torch_zip(path)
+        with open(path, "rb") as fh:
+            first = fh.read(2)
+        if first[:1] == b"\x80":
+            return read_torch_legacy(path)
+        if len(first) == 2 and first != b"PK":  # safetensors without the suffix: 8-byte length
+            return read_safetensors(path)
+        raise UnreadableInput("not a recognised checkpoint format", path)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise UnreadableInput(exc.strerror or str(exc), path) from None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint file or folder. Reads metadata only; no pickle code runs."""
+    path = Path(path)
+    if not path.exists():
+        raise UnreadableInput("no such file or folder", path)
+    if path.is_dir():
+        return _open_folder(path)
+    return open_file(path)
+
+
+def _open_folder(path: Path) -> Checkpoint:
+    for index_name in HF_INDEXES:
+        if (path / index_name).is_file():
+            return _open_sharded(path, path / index_name)
+    for single in HF_SINGLE:
+        if (path / single).is_file():
+            ckpt = open_file(path / single)
+            return _as_folder(ckpt, path, "hf-folder", [path / single])
+    for adapter in ADAPTER_FILES:
+        if (path / adapter).is_file():
+            ckpt = open_file(path / adapter)
+            folder = _as_folder(ckpt, path, "peft-adapter", [path / adapter])
+            return folder
+    ds = _deepspeed_file(path)
+    if ds is not None:
+        ckpt = open_file(ds)
+        return _as_folder(ckpt, path, "deepspeed", [ds])
+    raise UnreadableInput("folder holds no model weights (no model.safetensors[.index.json], "
+                          "pytorch_model*.bin, adapter_model.*, or DeepSpeed mp_rank_00_model_states.pt)",
+                          path)
+
+
+def _deepspeed_file(path: Path) -> Path | None:
+    if (path / DEEPSPEED_FILE).is_file():
+        return path / DEEPSPEED_FILE
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        candidate = path / tag / DEEPSPEED_FILE
+        if not candidate.is_file():
+            raise UnreadableInput(f"'latest' names {tag} but {tag}/{DEEPSPEED_FILE} is missing", path)
+        return candidate
+    found = sorted(path.glob(f"*/{DEEPSPEED_FILE}"))
+    return found[-1] if len(found) == 1 else None
+
+
+def _as_folder(ckpt: Checkpoint, folder: Path, fmt: str, files: list[Path]) -> Checkpoint:
+    ckpt.metadata = {**ckpt.metadata, **_folder_configs(folder)}
+    ckpt.path = folder
+    ckpt.format = fmt if fmt != "hf-folder" else f"hf-folder ({ckpt.format})"
+    ckpt.files = files
+    return ckpt
+
+
+def _folder_configs(folder: Path) -> dict:
+    out = {}
+    for name in ("config.json", "adapter_config.json"):
+        if (folder / name).is_file():
+            try:
+                out[name.removesuffix(".json")] = json.loads((folder / name).read_text())
+            except json.JSONDecodeError as exc:
+                raise UnreadableInput(f"{name} is not valid JSON ({exc})", folder) from None
+    return out
+
+
+def _open_sharded(folder: Path, index_path: Path) -> Checkpoint:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map: dict[str, str] = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UnreadableInput(f"{index_path.name} is malformed ({exc})", folder) from None
+    shards: dict[str, Checkpoint] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = folder / shard
+        if not shard_path.is_file():
+            raise UnreadableInput(f"shard {shard} named in {index_path.name} is missing", folder)
+        shards[shard] = open_file(shard_path)
+    tensors: dict[str, TensorInfo] = {}
+    safety = SafetyReport(verdict="not-a-pickle")
+    for name, shard in weight_map.items():
+        info = shards[shard].tensors.get(name)
+        if info is None:
+            raise UnreadableInput(f"{name} is mapped to {shard} but that shard does not hold it", folder)
+        tensors[name] = info
+    for ckpt in shards.values():
+        if ckpt.safety.verdict != "not-a-pickle":
+            safety.verdict = "safe"
+            safety.globals_seen = sorted(set(safety.globals_seen) | set(ckpt.safety.globals_seen))
+    inner = next(iter(shards.values())).format if shards else "safetensors"
+    return Checkpoint(path=folder, format=f"hf-folder ({inner}, {len(shards)} shards)", tensors=tensors,
+                      safety=safety, metadata=_folder_configs(folder), files=[folder / s for s in shards])

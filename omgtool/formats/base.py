@@ -1,0 +1,145 @@
+"""What every reader returns: tensor metadata, and lazy one-tensor-at-a-time reads."""
+
+from __future__ import annotations
+
+import math
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omgtool.errors import Finding, UnreadableInput
+from omgtool.formats.dtypes import ITEMSIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live. No tensor data is read to build this."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: Path  # the file holding the bytes
+    data_offset: int  # absolute byte offset of the storage's first element in `file`
+    storage_numel: int  # elements in the storage
+    storage_offset: int = 0  # elements
+    stride: tuple[int, ...] | None = None  # None: contiguous
+    storage_key: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        if self.stride is not None:
+            return self.stride
+        out, acc = [], 1
+        for size in reversed(self.shape):
+            out.append(acc)
+            acc *= size
+        return tuple(reversed(out))
+
+    @property
+    def location(self) -> str:
+        where = self.storage_key or self.file.name
+        return f"{where}+{self.data_offset + self.storage_offset * ITEMSIZE[self.dtype]}"
+
+    def extent(self) -> int:
+        """Elements of the storage this view needs: offset + 1 + sum((size-1)*stride)."""
+        if self.numel == 0:
+            return self.storage_offset
+        return self.storage_offset + 1 + sum((n - 1) * s for n, s in zip(self.shape, self.strides))
+
+
+@dataclass
+class SafetyReport:
+    verdict: str = "safe"  # "safe" | "unsafe" | "not-a-pickle"
+    findings: list[Finding] = field(default_factory=list)
+    globals_seen: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"verdict": self.verdict, "findings": [f.as_dict() for f in self.findings],
+                "globals": self.globals_seen}
+
+
+@dataclass
+class Checkpoint:
+    """A set of named tensors from one file or folder, read lazily."""
+
+    path: Path
+    format: str
+    tensors: dict[str, TensorInfo]
+    safety: SafetyReport = field(default_factory=SafetyReport)
+    container: str | None = None  # wrapper key the state dict sat under ("module", "state_dict")
+    metadata: dict[str, Any] = field(default_factory=dict)  # non-tensor entries, configs
+    files: list[Path] = field(default_factory=list)  # every file the tensors live in
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read(self, name: str):
+        """The tensor `name` as a torch view over a private (copy-on-write) mmap.
+
+        Only this tensor's pages are touched. The view stays valid after close().
+        """
+        import torch
+
+        from omgtool.formats.dtypes import torch_dtype
+
+        info = self.tensors[name]
+        buf = self._map(info.file)
+        itemsize = ITEMSIZE[info.dtype]
+        if info.data_offset + info.storage_numel * itemsize > len(buf):
+            raise UnreadableInput(f"tensor {name} extends past the end of the file", info.file)
+        if info.storage_numel == 0:
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        flat = torch.frombuffer(buf, dtype=torch_dtype(info.dtype), count=info.storage_numel,
+                                offset=info.data_offset)
+        return flat.as_strided(info.shape, info.strides, info.storage_offset)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        buf = self._maps.get(file)
+        if buf is None:
+            with open(file, "rb") as fh:
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = buf
+        return buf
+
+    def close(self) -> None:
+        self._maps.clear()  # tensors still viewing a map keep it alive
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_extents(ckpt_path: Path, tensors: dict[str, TensorInfo]) -> None:
+    for info in tensors.values():
+        if info.dtype not in ITEMSIZE:
+            raise UnreadableInput(f"tensor {info.name} has unknown dtype {info.dtype}", ckpt_path)
+        if any(s < 0 for s in info.shape) or info.storage_offset < 0:
+            raise UnreadableInput(f"tensor {info.name} has a negative size or offset", ckpt_path)
+        if info.extent() > info.storage_numel:
+            raise UnreadableInput(
+                f"storage {info.storage_key or '?'} holds {info.storage_numel} elements but tensor "
+                f"{info.name} (shape {list(info.shape)}, stride {list(info.strides)}, offset "
+                f"{info.storage_offset}) needs {info.extent()}", ckpt_path)

@@ -1,0 +1,307 @@
+"""Mappings: architectures, families and conversions declared as data in `mappings/*.toml`.
+
+An *architecture* lists weight-name templates (`model.layers.{layer}.attention.wqkv.weight`)
+with their group, the meaning of each shape dimension, and whether LoRA may target it.
+A *family* composes architectures under key prefixes (`llm.`, `projector.`) and says
+how LoRA alpha is found and how stages are told apart. A *conversion* lists rename and
+split rules from one architecture to another.
+
+`match_keys` assigns every key of a checkpoint to a component and role, seeing through
+PEFT wrappers (`base_model.model.`, `.base_layer.`, `.lora_A.<adapter>.`). Templates are
+anchored regexes: no substring tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omgtool.errors import InvalidArgument
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightSpec(_Strict):
+    name: str  # template; `{layer}` stands for the layer index
+    group: str
+    dims: list[str] = Field(default_factory=list)  # meaning of each shape dim; "_" = don't care
+    lora_target: bool = False
+    optional: bool = False
+
+
+class ArchitectureMapping(_Strict):
+    kind: Literal["architecture"]
+    name: str
+    description: str
+    groups: dict[str, str] = Field(default_factory=dict)  # group -> what it is for
+    defaults: dict[str, Any] = Field(default_factory=dict)  # assumptions, each with a *_source
+    derive: list[str] = Field(default_factory=list)  # named derivations in omgtool.infer
+    layer_count_key: str | None = None  # config.json key for the layer count
+    weights: list[WeightSpec]
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [w.name for w in self.weights]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate weight templates")
+        for w in self.weights:
+            if w.group not in self.groups:
+                raise ValueError(f"weight {w.name} names undeclared group {w.group!r}")
+        return self
+
+
+class ComponentSpec(_Strict):
+    name: str
+    architecture: str
+    prefixes: list[str]  # tried longest first
+    required: bool = False
+
+
+class LoraSpec(_Strict):
+    alpha_from: Literal["mapping", "adapter_config"] = "mapping"
+    default_alpha: float | None = None
+    alpha_source: str = ""
+    adapter_names: list[str] = Field(default_factory=lambda: ["default"])
+
+
+class StageSpec(_Strict):
+    name: str
+    when: Literal["lora", "no-lora", "always"]
+    description: str = ""
+
+
+class FileHint(_Strict):
+    """File or folder names that identify the family without looking at tensors."""
+
+    names: list[str] = Field(default_factory=list)  # glob patterns on the file/folder name
+
+
+class FamilyMapping(_Strict):
+    kind: Literal["family"]
+    name: str
+    description: str
+    priority: int = 0  # tie-break when two families explain the same keys
+    components: list[ComponentSpec]
+    lora: LoraSpec | None = None
+    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name="full", when="always")])
+    hints: FileHint = Field(default_factory=FileHint)
+
+
+class RenameRule(_Strict):
+    source: str  # template in the source architecture
+    target: str | list[str]  # template(s) in the target architecture
+    transform: str = "identity"  # named transform in omgtool.transforms
+
+
+class ConfigRewrite(_Strict):
+    drop: list[str] = Field(default_factory=list)
+    rename: dict[str, str] = Field(default_factory=dict)
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
+class ConversionMapping(_Strict):
+    kind: Literal["conversion"]
+    name: str
+    description: str
+    source: str  # architecture name
+    target: str
+    rules: list[RenameRule]
+    config: ConfigRewrite = Field(default_factory=ConfigRewrite)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+
+
+Mapping = ArchitectureMapping | FamilyMapping | ConversionMapping
+
+
+@dataclass
+class Registry:
+    architectures: dict[str, ArchitectureMapping]
+    families: dict[str, FamilyMapping]
+    conversions: dict[str, ConversionMapping]
+    root: Path
+
+    def architecture(self, name: str) -> ArchitectureMapping:
+        try:
+            return self.architectures[name]
+        except KeyError:
+            raise InvalidArgument(f"no architecture mapping named {name!r} in {self.root}") from None
+
+    def family(self, name: str) -> FamilyMapping:
+        try:
+            return self.families[name]
+        except KeyError:
+            raise InvalidArgument(f"no family mapping named {name!r} in {self.root}") from None
+
+    def conversion(self, source: str, target: str) -> ConversionMapping:
+        for conv in self.conversions.values():
+            if conv.source == source and conv.target == target:
+                return conv
+        raise InvalidArgument(f"no conversion mapping from {source} to {target} in {self.root}")
+
+
+def mappings_dir() -> Path:
+    env = os.environ.get("OMGTOOL_MAPPINGS")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parent.parent / "mappings",
+                   Path(sys.prefix) / "share" / "omgtool" / "mappings"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise InvalidArgument("mappings folder not found (set OMGTOOL_MAPPINGS)")
+
+
+@lru_cache(maxsize=4)
+def load_registry(root: Path | None = None) -> Registry:
+    root = root or mappings_dir()
+    kinds = {"architecture": ArchitectureMapping, "family": FamilyMapping, "conversion": ConversionMapping}
+    reg = Registry({}, {}, {}, root)
+    for path in sorted(root.glob("*.toml")):
+        try:
+            data = tomllib.loads(path.read_text())
+            model = kinds[data.get("kind", "")]
+            mapping = model.model_validate(data)
+        except KeyError:
+            raise InvalidArgument(f"{path}: 'kind' must be one of {sorted(kinds)}") from None
+        except (tomllib.TOMLDecodeError, ValidationError) as exc:
+            first = str(exc).splitlines()
+            raise InvalidArgument(f"{path}: invalid mapping: {' '.join(first[:3])}") from None
+        table = {"architecture": reg.architectures, "family": reg.families,
+                 "conversion": reg.conversions}[mapping.kind]
+        if mapping.name in table:
+            raise InvalidArgument(f"{path}: duplicate mapping name {mapping.name!r}")
+        table[mapping.name] = mapping
+    for fam in reg.families.values():
+        for comp in fam.components:
+            if comp.architecture not in reg.architectures:
+                raise InvalidArgument(f"family {fam.name}: component {comp.name} names unknown "
+                                      f"architecture {comp.architecture!r}")
+    for conv in reg.conversions.values():
+        for arch in (conv.source, conv.target):
+            if arch not in reg.architectures:
+                raise InvalidArgument(f"conversion {conv.name}: unknown architecture {arch!r}")
+    return reg
+
+
+# --- key matching -------------------------------------------------------------------------
+
+Role = Literal["weight", "lora_A", "lora_B", "dora_magnitude"]
+
+
+@dataclass(frozen=True)
+class KeyMatch:
+    key: str  # the original key
+    component: str
+    weight: str  # base weight name inside the component, layer filled in
+    template: str
+    group: str  # "<component>.<group>", or "<component>.lora" for LoRA factors
+    role: Role
+    layer: int | None
+    spec: WeightSpec
+
+    @property
+    def canonical(self) -> str:
+        """Name used to pair keys across wrappers and files: component, weight, role."""
+        suffix = "" if self.role == "weight" else f"#{self.role}"
+        return f"{self.component}:{self.weight}{suffix}"
+
+    @property
+    def module(self) -> str:
+        """The LoRA target's short name: `wqkv`, `w1`, `output`, `q_proj`."""
+        stem = self.weight.rsplit(".", 1)[0]
+        return stem.rsplit(".", 1)[-1]
+
+
+def template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"(\{layer\})", template)
+    body = "".join("(?P<layer>\\d+)" if p == "{layer}" else re.escape(p) for p in parts)
+    return re.compile(f"^{body}$")
+
+
+_PEFT_SUFFIX = re.compile(
+    r"^(?P<module>.+?)\.(?:"
+    r"(?P<lora>lora_[AB])(?:\.(?P<adapter>[^.]+))?\.weight"
+    r"|(?P<emb>lora_embedding_[AB])(?:\.(?P<adapter2>[^.]+))?"
+    r"|lora_magnitude_vector(?:\.(?P<adapter3>[^.]+))?(?:\.weight)?"
+    r"|base_layer\.(?P<param>weight|bias)"
+    r"|(?:modules_to_save\.[^.]+|original_module)\.(?P<param2>weight|bias)"
+    r")$")
+
+
+def split_peft(rest: str) -> tuple[str, Role]:
+    """`x.lora_A.default.weight` -> (`x.weight`, lora_A); plain names pass through."""
+    m = _PEFT_SUFFIX.match(rest)
+    if not m:
+        return rest, "weight"
+    module = m.group("module")
+    if m.group("lora"):
+        return f"{module}.weight", m.group("lora")  # type: ignore[return-value]
+    if m.group("emb"):
+        return f"{module}.weight", "lora_A" if m.group("emb").endswith("A") else "lora_B"
+    if m.group("param") or m.group("param2"):
+        return f"{module}.{m.group('param') or m.group('param2')}", "weight"
+    return f"{module}.weight", "dora_magnitude"
+
+
+class FamilyMatcher:
+    def __init__(self, family: FamilyMapping, registry: Registry):
+        self.family = family
+        self.entries: list[tuple[ComponentSpec, str, list[tuple[re.Pattern, WeightSpec]]]] = []
+        for comp in family.components:
+            arch = registry.architecture(comp.architecture)
+            compiled = [(template_regex(w.name), w) for w in arch.weights]
+            for prefix in sorted(comp.prefixes, key=len, reverse=True):
+                self.entries.append((comp, prefix, compiled))
+
+    def match(self, key: str) -> KeyMatch | None:
+        for comp, prefix, compiled in self.entries:
+            if not key.startswith(prefix):
+                continue
+            weight, role = split_peft(key[len(prefix):])
+            for regex, spec in compiled:
+                m = regex.match(weight)
+                if m is None:
+                    continue
+                if role != "weight" and not spec.lora_target:
+                    continue
+                layer = int(m.group("layer")) if "layer" in regex.groupindex else None
+                group = f"{comp.name}.lora" if role in ("lora_A", "lora_B") else f"{comp.name}.{spec.group}"
+                if role == "dora_magnitude":
+                    group = f"{comp.name}.dora"
+                return KeyMatch(key, comp.name, weight, spec.name, group, role, layer, spec)
+        return None
+
+
+def match_keys(keys, family: FamilyMapping, registry: Registry | None = None):
+    """(matches by key, unexplained keys in input order)."""
+    matcher = FamilyMatcher(family, registry or load_registry())
+    matches: dict[str, KeyMatch] = {}
+    unexplained: list[str] = []
+    for key in keys:
+        m = matcher.match(key)
+        if m is None:
+            unexplained.append(key)
+        else:
+            matches[key] = m
+    return matches, unexplained
+
+
+def group_descriptions(family: FamilyMapping, registry: Registry) -> dict[str, str]:
+    out = {}
+    for comp in family.components:
+        arch = registry.architecture(comp.architecture)
+        for group, text in arch.groups.items():
+            out[f"{comp.name}.{group}"] = text
+        out[f"{comp.name}.lora"] = f"LoRA factors (A: [r, in], B: [out, r]) on {comp.name} linears"
+        out[f"{comp.name}.dora"] = "DoRA magnitude vectors (a different merge; refused)"
+    out["unexplained"] = "keys no mapping explains: carried through conversions, never dropped"
+    return out
