@@ -1,0 +1,210 @@
+"""Writers: planned, sharded safetensors written as tensors arrive, inside an atomic folder.
+
+The plan (every output name, shape, dtype) is fixed before the first byte is written,
+so headers can be written up front and each tensor streamed to disk as soon as it is
+computed: memory holds one tensor, never a shard. Nothing appears at the final path
+until everything succeeded (`atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from omgtool.errors import InvalidArgument, OmgError
+from omgtool.formats.dtypes import ITEMSIZE
+
+DEFAULT_MAX_SHARD = "5GB"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """HF-style sizes: '5GB' = 5*10^9, '200MB', '200KB', '1GiB' = 2^30; plain ints are bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise InvalidArgument(f"cannot read size {text!r}; use e.g. 5GB, 200MB, 200KB")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()]
+    if value < 1:
+        raise InvalidArgument(f"size {text!r} is too small")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # canonical (F32, BF16, ...)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+def shard_plan(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split in order; a tensor larger than the limit gets a shard of its own (as HF does)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return [s for s in shards if s] or [[]]
+
+
+def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedSafetensorsWriter:
+    """Write `plan` into one or more safetensors files, tensor by tensor, in plan order.
+
+    With one shard the file is `<stem>.safetensors`; with several, HF names
+    `<stem>-0000i-of-0000N.safetensors` plus `<stem>.safetensors.index.json`.
+    """
+
+    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_bytes: int,
+                 stem: str = "model", metadata: dict[str, str] | None = None, index: bool = True):
+        names = [t.name for t in plan]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("output plan names a tensor twice")
+        self.folder = folder
+        self.plan = plan
+        self.shards = shard_plan(plan, max_shard_bytes)
+        n = len(self.shards)
+        self.files = ([f"{stem}.safetensors"] if n == 1 else
+                      [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.index_name = f"{stem}.safetensors.index.json" if (index and n > 1) else None
+        self.metadata = metadata or {}
+        self._order = iter([(i, t) for i, shard in enumerate(self.shards) for t in shard])
+        self._fh = None
+        self._shard = -1
+        self.written = 0
+
+    def write(self, name: str, tensor) -> None:
+        """Append the next planned tensor. Shape and dtype must match the plan exactly."""
+        from omgtool.formats.dtypes import from_torch
+
+        try:
+            shard, planned = next(self._order)
+        except StopIteration:
+            raise OmgError(f"writer got {name} after the plan was complete") from None
+        if planned.name != name:
+            raise OmgError(f"writer expected {planned.name} next, got {name}")
+        if tuple(tensor.shape) != planned.shape or from_torch(tensor.dtype) != planned.dtype:
+            raise OmgError(f"{name}: got {list(tensor.shape)} {from_torch(tensor.dtype)}, planned "
+                           f"{list(planned.shape)} {planned.dtype}")
+        if shard != self._shard:
+            self._open(shard)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
+        self._fh.write(memoryview(data))
+        self.written += planned.nbytes
+
+    def _open(self, shard: int) -> None:
+        self._close_file()
+        self._shard = shard
+        self._fh = open(self.folder / self.files[shard], "wb")
+        self._fh.write(_header_bytes(self.shards[shard], self.metadata))
+
+    def _close_file(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def close(self) -> list[str]:
+        """Finish; writes empty planned shards and the index. Returns the file names."""
+        leftover = next(self._order, None)
+        if leftover is not None:
+            raise OmgError(f"writer closed before {leftover[1].name} was written")
+        self._close_file()
+        for i, name in enumerate(self.files):
+            if not (self.folder / name).exists():  # a shard of zero tensors
+                (self.folder / name).write_bytes(_header_bytes(self.shards[i], self.metadata))
+        if self.index_name:
+            weight_map = {t.name: self.files[i] for i, shard in enumerate(self.shards) for t in shard}
+            index = {"metadata": {"total_size": sum(t.nbytes for t in self.plan)}, "weight_map": weight_map}
+            (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
+        return self.files + ([self.index_name] if self.index_name else [])
+
+    def abort(self) -> None:
+        self._close_file()
+
+
+def verify_written(folder: Path, files: list[str], plan: list[PlannedTensor]) -> list[str]:
+    """Re-read the headers just written; return mismatches against the plan (empty = good)."""
+    from omgtool.formats.safetensors_file import read_header
+
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            header, _, _ = read_header(folder / name)
+            for key, entry in header.items():
+                found[key] = (tuple(entry["shape"]), entry["dtype"])
+    problems = []
+    for t in plan:
+        got = found.pop(t.name, None)
+        if got is None:
+            problems.append(f"{t.name} missing from the output")
+        elif got != (t.shape, t.dtype):
+            problems.append(f"{t.name}: written {list(got[0])} {got[1]}, planned {list(t.shape)} {t.dtype}")
+    problems += [f"{name} written but not planned" for name in found]
+    return problems
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to `out` only when the block succeeds.
+
+    An existing `out` is refused unless `force`. On any failure (Ctrl-C included) the
+    temporary folder is removed, so nothing that looks complete is left behind.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise InvalidArgument(f"{out} already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.replace(trash / out.name)
+            tmp.replace(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise InvalidArgument(f"not enough free disk space in {probe}: need {needed / 1e9:.2f} GB, "
+                              f"have {free / 1e9:.2f} GB")

@@ -1,0 +1,85 @@
+"""Named tensor transforms that conversion mappings refer to, and the rule engine.
+
+Transforms act on rows (dim 0), so the same rule applies to a weight and to the B
+factor of a LoRA on it; the A factor is shared by every piece of a split.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from omgtool.errors import InvalidArgument
+from omgtool.mapping import ConversionMapping, template_regex
+
+
+def grouped_qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int):
+    """Row indices of q, k, v inside InternLM2's fused wqkv.
+
+    Rows are [num_kv_heads][g + 2][head_dim], g = num_heads // num_kv_heads: in kv group h,
+    slots 0..g-1 are query heads h*g .. h*g+g-1, slot g the key head h, slot g+1 the value head h.
+    """
+    import torch
+
+    if num_heads % num_kv_heads:
+        raise InvalidArgument(f"{num_heads} heads do not divide into {num_kv_heads} kv heads")
+    g = num_heads // num_kv_heads
+    rows = torch.arange(num_kv_heads * (g + 2) * head_dim).view(num_kv_heads, g + 2, head_dim)
+    q = rows[:, :g].reshape(-1)
+    k = rows[:, g].reshape(-1)
+    v = rows[:, g + 1].reshape(-1)
+    return q, k, v
+
+
+def split_grouped_qkv(t, *, num_heads: int, num_kv_heads: int, head_dim: int, **_):
+    expected = (num_heads + 2 * num_kv_heads) * head_dim
+    if t.shape[0] != expected:
+        raise InvalidArgument(f"wqkv has {t.shape[0]} rows, expected (heads {num_heads} + 2 x kv "
+                              f"{num_kv_heads}) x head_dim {head_dim} = {expected}")
+    return [t.index_select(0, idx) for idx in grouped_qkv_rows(num_heads, num_kv_heads, head_dim)]
+
+
+def identity(t, **_):
+    return [t]
+
+
+TRANSFORMS: dict[str, Callable] = {"identity": identity, "split_grouped_qkv": split_grouped_qkv}
+
+
+def transform_shapes(transform: str, shape: tuple[int, ...], params: dict) -> list[tuple[int, ...]]:
+    if transform == "identity":
+        return [shape]
+    if transform == "split_grouped_qkv":
+        h, kv, d = params["num_heads"], params["num_kv_heads"], params["head_dim"]
+        return [(h * d, *shape[1:]), (kv * d, *shape[1:]), (kv * d, *shape[1:])]
+    raise InvalidArgument(f"unknown transform {transform!r}")
+
+
+@dataclass(frozen=True)
+class ConvertedName:
+    source: str
+    targets: tuple[str, ...]
+    transform: str
+
+
+def _fill(template: str, layer: str | None) -> str:
+    return template.replace("{layer}", layer) if layer is not None else template
+
+
+def convert_name(conversion: ConversionMapping, name: str) -> ConvertedName | None:
+    """Which target name(s) and transform a source weight name maps to; None if no rule."""
+    for rule in conversion.rules:
+        m = template_regex(rule.source).match(name)
+        if m is None:
+            continue
+        layer = m.group("layer") if "layer" in m.re.groupindex else None
+        targets = rule.target if isinstance(rule.target, list) else [rule.target]
+        if rule.transform not in TRANSFORMS:
+            raise InvalidArgument(f"conversion {conversion.name}: unknown transform {rule.transform!r}")
+        return ConvertedName(name, tuple(_fill(t, layer) for t in targets), rule.transform)
+    return None
+
+
+def apply(transform: str, tensor, params: dict) -> list:
+    return TRANSFORMS[transform](tensor, **params)
