@@ -274,11 +274,15 @@ class FamilyMatcher:
                 if role != "weight" and not spec.lora_target:
                     continue
                 layer = int(m.group("layer")) if "layer" in regex.groupindex else None
-                group = f"{comp.name}.lora" if role in ("lora_A", "lora_B") else f"{comp.name}.{spec.group}"
-                if role == "dora_magnitude":
-                    group = f"{comp.name}.dora"
+                group = group_name(comp.name, {"lora_A": "lora", "lora_B": "lora",
+                                               "dora_magnitude": "dora"}.get(role, spec.group))
                 return KeyMatch(key, comp.name, weight, spec.name, group, role, layer, spec)
         return None
+
+
+def group_name(component: str, group: str) -> str:
+    """`llm.embeddings`; a group named like its component is just `projector`."""
+    return component if group == component else f"{component}.{group}"
 
 
 def match_keys(keys, family: FamilyMapping, registry: Registry | None = None):
@@ -300,8 +304,8 @@ def group_descriptions(family: FamilyMapping, registry: Registry) -> dict[str, s
     for comp in family.components:
         arch = registry.architecture(comp.architecture)
         for group, text in arch.groups.items():
-            out[f"{comp.name}.{group}"] = text
-        out[f"{comp.name}.lora"] = f"LoRA factors (A: [r, in], B: [out, r]) on {comp.name} linears"
-        out[f"{comp.name}.dora"] = "DoRA magnitude vectors (a different merge; refused)"
+            out[group_name(comp.name, group)] = text
+        out[group_name(comp.name, "lora")] = f"LoRA factors (A: [r, in], B: [out, r]) on {comp.name} linears"
+        out[group_name(comp.name, "dora")] = "DoRA magnitude vectors (a different merge; refused)"
     out["unexplained"] = "keys no mapping explains: carried through conversions, never dropped"
     return out

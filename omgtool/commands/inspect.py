@@ -209,13 +209,14 @@ def _count(n: int) -> str:
 
 
 def render(report: dict[str, Any]) -> None:
+    from rich.markup import escape as esc
     from rich.table import Table
 
     from omgtool.console import out
 
     console = out()
     arch = report["architecture"]
-    console.print(f"[bold]{report['path']}[/]")
+    console.print(f"[bold]{esc(report['path'])}[/]")
     container = f" (state dict under '{report['container']}')" if report["container"] else ""
     console.print(f"format {report['format']}{container} · {report['num_tensors']} tensors · "
                   f"{_count(report['num_params'])} params · {_size(report['total_bytes'])} · dtypes "
@@ -228,7 +229,7 @@ def render(report: dict[str, Any]) -> None:
         groups.add_column(col, justify="right" if col in ("tensors", "params", "bytes") else "left")
     for name, g in report["group_details"].items():
         style = "red" if name == "unexplained" else None
-        groups.add_row(name, str(g["count"]), _count(g["params"]), _size(g["bytes"]), g["description"],
+        groups.add_row(esc(name), str(g["count"]), _count(g["params"]), _size(g["bytes"]), esc(g["description"]),
                        style=style)
     console.print(groups)
 
@@ -244,23 +245,23 @@ def render(report: dict[str, Any]) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in values.items() if not k.endswith("_source"))
         sources = "; ".join(f"{k.removesuffix('_source')}: {v}" for k, v in values.items()
                             if k.endswith("_source") and v)
-        table.add_row(part, shown + (f"\n[dim]{sources}[/]" if sources else ""))
+        table.add_row(part, esc(shown) + (f"\n[dim]{esc(sources)}[/]" if sources else ""))
     console.print(table)
 
     if report["unexplained"]:
         console.print(f"[red]unexplained keys ({len(report['unexplained'])})[/], carried through "
                       "conversions:")
         for key in report["unexplained"][:50]:
-            console.print(f"  {key}")
+            console.print(f"  {esc(key)}")
         if len(report["unexplained"]) > 50:
             console.print(f"  … {len(report['unexplained']) - 50} more (use --json)")
     for note in report["notes"]:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {esc(note)}")
     safety = report["safety"]
     verdict = {"safe": "[green]safe[/]: only allowlisted globals",
                "not-a-pickle": "[green]safe[/]: no pickle (safetensors)"}.get(safety["verdict"],
                                                                               safety["verdict"])
-    console.print(f"safety {verdict}" + (f" ({', '.join(safety['globals'])})" if safety["globals"] else ""))
+    console.print(f"safety {verdict}" + (f" ({esc(', '.join(safety['globals']))})" if safety["globals"] else ""))
     if report.get("filter"):
         _render_tensors(console, report)
     if "stats" in report:
@@ -271,6 +272,12 @@ def render(report: dict[str, Any]) -> None:
         console.print(f"manifest written to {report['manifest']['path']}")
 
 
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def _render_tensors(console, report) -> None:
     from rich.table import Table
 
@@ -278,7 +285,7 @@ def _render_tensors(console, report) -> None:
     for col in ("name", "shape", "dtype", "group"):
         table.add_column(col)
     for t in report["tensors"]:
-        table.add_row(t["name"], str(t["shape"]), t["dtype"], t["group"])
+        table.add_row(*(_esc(x) for x in (t["name"], str(t["shape"]), t["dtype"], t["group"])))
     console.print(table)
 
 
@@ -291,7 +298,7 @@ def _render_stats(console, report) -> None:
     fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
     for name, s in report["stats"].items():
         bad = s["nan"] or s["inf"]
-        table.add_row(name, fmt(s["min"]), fmt(s["max"]), fmt(s["mean"]), fmt(s["std"]),
+        table.add_row(_esc(name), fmt(s["min"]), fmt(s["max"]), fmt(s["mean"]), fmt(s["std"]),
                       str(s["nan"]), str(s["inf"]), str(s["zeros"]), style="red" if bad else None)
     console.print(table)
 
