@@ -10,7 +10,6 @@ import traceback
 from typing import Any
 
 import typer
-from rich.console import Console
 
 from omgtool.errors import OmgError
 
@@ -26,11 +25,15 @@ class _State:
 state = _State()
 
 
-def out() -> Console:
+def out():
+    from rich.console import Console  # lazily: --json output never needs rich
+
     return Console(soft_wrap=False, highlight=False)
 
 
-def err() -> Console:
+def err():
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
