@@ -30,6 +30,10 @@ def open_file(path: Path) -> Checkpoint:
             raise UnreadableInput("file is empty", path)
         if path.suffix == ".safetensors":
             return read_safetensors(path)
+        if path.suffix.lower() == ".json":  # a shape manifest ({format_version, tensors})
+            from omgtool.formats.manifest import read_manifest
+
+            return read_manifest(path)
         if is_zip(path):
             return read_torch_zip(path)
         with open(path, "rb") as fh:
