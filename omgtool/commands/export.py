@@ -1,0 +1,164 @@
+"""`omgtool export SRC --to llama|peft|safetensors --out PATH`.
+
+The library is `omgtool.export` (export_llama, export_peft, export_safetensors); this
+module is the command line: options, a progress bar on stderr, the summary.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from omgtool.errors import InvalidArgument, OmgError
+
+TARGETS = ("llama", "peft", "safetensors")
+
+
+def cli(
+    src: Path = typer.Argument(..., help="llama: an InternLM2 HF folder (base or merge-lora output); "
+                               "peft: a finetune checkpoint with LoRA; safetensors: any readable checkpoint"),
+    to: str = typer.Option(..., "--to", help="llama | peft | safetensors"),
+    out: Path = typer.Option(..., "--out", help="output folder (llama, peft); for safetensors a "
+                             "FILE.safetensors or a folder"),
+    base_llama: Optional[Path] = typer.Option(None, "--base-llama", help="peft: the base model already "
+                                              "exported with --to llama (the adapter's base)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="llama/peft: cast tensors to fp32, fp16 or "
+                                        "bf16 (default: keep each source dtype)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="peft: LoRA alpha, overriding the mapping "
+                                          "default (OMG-LLaVA: 256)"),
+    family: Optional[str] = typer.Option(None, "--family", help="peft: force a family mapping (e.g. omg-llava)"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="llama/safetensors folder: "
+                                       "largest shard (HF units: 5GB, 500MB, 2GiB)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object (the export report)"),
+) -> None:
+    """Export a checkpoint for the wider ecosystem.
+
+    --to llama: an InternLM2 HF folder as a LlamaForCausalLM folder (loads in transformers
+    without trust_remote_code; vLLM, llama.cpp converters): wqkv split into q/k/v by kv group,
+    renames from mappings/conv_internlm2_to_llama.toml, config.json, generation_config.json,
+    tokenizer (tokenizer.model + tokenizer.json for LlamaTokenizer, added tokens at their ids),
+    projector/extras files carried outside the model index. Sharded, streamed, atomic.
+
+    --to peft: the finetune LoRA as a PEFT adapter on the Llama export given by --base-llama:
+    q/k/v LoRAs share A and split B's rows by kv group; the trained embed_tokens / lm_head are
+    modules_to_save, with the output's own LoRA folded into lm_head. Load it with
+    base.resize_token_embeddings(<checkpoint rows>) then PeftModel.from_pretrained (printed).
+
+    --to safetensors: every tensor with identical names, shapes, dtypes and bytes; metadata
+    records the source file name and sha256. Unsafe pickles are refused.
+
+    After writing, the output headers are re-read and compared with the plan.
+    Exit codes: 0 ok, 1 the written output does not match its plan, 2 unreadable input or bad
+    arguments, 3 unsafe pickle refused.
+    """
+    from omgtool import export as lib
+    from omgtool.console import emit_json
+
+    target = to.strip().lower()
+    try:
+        if target not in TARGETS:
+            raise InvalidArgument(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
+        if target == "peft" and base_llama is None:
+            raise InvalidArgument("--to peft needs --base-llama DIR (the base exported with --to llama)")
+        if target != "peft" and (base_llama is not None or alpha is not None or family is not None):
+            raise InvalidArgument("--base-llama, --alpha and --family apply to --to peft only")
+        if target == "safetensors" and dtype is not None:
+            raise InvalidArgument("--to safetensors keeps every dtype; --dtype applies to llama and peft")
+        with _progress(enabled=not json_out and sys.stderr.isatty()) as progress:
+            if target == "llama":
+                report = lib.export_llama(src, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                                          progress=progress)
+            elif target == "peft":
+                report = lib.export_peft(src, base_llama, out, alpha=alpha, dtype=dtype, family=family,
+                                         force=force, progress=progress)
+            else:
+                report = lib.export_safetensors(src, out, force=force, max_shard_size=max_shard_size,
+                                                progress=progress)
+    except OmgError as exc:
+        if json_out:
+            emit_json({"source": str(src), "to": to, "out": str(out), "error": exc.one_line(),
+                       "exit_code": exc.exit_code})
+        raise
+    if json_out:
+        emit_json(report)
+    else:
+        render(report)
+
+
+class _progress:
+    """A rich progress bar on stderr counting bytes written; a no-op callback when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda name, nbytes: None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        from omgtool.console import err
+
+        self.bar = Progress(TextColumn("export"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            transient=True, console=err())
+        self.bar.__enter__()
+        task = self.bar.add_task("export", total=None)
+        return lambda name, nbytes: self.bar.advance(task, nbytes)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.markup import escape as esc
+
+    from omgtool.console import out
+
+    console = out()
+    kind = report["kind"]
+    console.print(f"[bold]{esc(report['out'])}[/]: {kind} export of {esc(report['source'])}, "
+                  f"{report['num_tensors']} tensors, {_size(report['bytes'])}; headers re-read and match the plan")
+    files = report.get("files", [])
+    console.print("files: " + esc(", ".join(files[:8]) + (f" … ({len(files)} in all)" if len(files) > 8 else "")))
+    if kind == "llama":
+        tok = report.get("tokenizer") or {}
+        console.print(f"config: LlamaForCausalLM, vocab {report['vocab_size']}, dtype {report['dtype']}, "
+                      f"heads {report['heads']['num_heads']} / kv {report['heads']['num_kv_heads']}")
+        if tok.get("files"):
+            check = tok.get("check")
+            ok = isinstance(check, str)
+            console.print(f"tokenizer: {tok.get('tokenizer_class')}, {len(tok.get('added_tokens', {}))} added "
+                          f"tokens at their ids" + (", ids identical to SentencePiece on the probe set" if ok else ""))
+        if report.get("carried"):
+            console.print("carried: " + esc(", ".join(report["carried"])))
+        console.print("load: AutoModelForCausalLM.from_pretrained(OUT) (no trust_remote_code)")
+    elif kind == "peft":
+        console.print(f"LoRA r={report['r']} lora_alpha={report['lora_alpha']:g} "
+                      f"({esc(report['lora_alpha_source'])})")
+        console.print(f"target_modules: {', '.join(report['target_modules'])}; modules_to_save: "
+                      f"{', '.join(report['modules_to_save'])}")
+        for name, count in report.get("carried", {}).items():
+            console.print(f"carried: {name} ({count} tensors outside the language model)")
+        if report.get("resize_token_embeddings"):
+            console.print(f"[yellow]before loading, resize the base's embeddings to "
+                          f"{report['resize_token_embeddings']} rows:[/]")
+        console.print(esc(report["load"]))
+    else:
+        meta = report["metadata"]
+        console.print(f"source {esc(meta.get('source', ''))}"
+                      + (f" sha256 {meta['source_sha256']}" if "source_sha256" in meta else ""))
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/] {esc(note)}")

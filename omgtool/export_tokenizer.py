@@ -1,0 +1,317 @@
+"""Tokenizer files for a Llama export: the SentencePiece `tokenizer.model` kept as is,
+plus `tokenizer.json` and `tokenizer_config.json` for transformers' LlamaTokenizer (no
+InternLM2 remote code), with every added special token at its original id.
+
+transformers 5 can only turn a `tokenizer.model` into a fast tokenizer with `protobuf`
+installed; writing `tokenizer.json` here means the export loads without it. The model
+proto is read with a small wire-format reader (fields from sentencepiece_model.proto),
+so omgtool needs no protobuf either.
+
+After writing, the tokenizer is loaded back through `AutoTokenizer` and its ids are
+compared with SentencePiece's own on a fixed probe set (`check_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omgtool.errors import UnreadableInput
+
+# sentencepiece_model.proto: SentencePiece.Type
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+
+# Source tokenizer files that are rewritten (or dropped: remote code) rather than carried.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.json")
+
+# Fields of the source tokenizer_config.json that carry over unchanged.
+KEEP_CONFIG = ("add_bos_token", "add_eos_token", "chat_template", "clean_up_tokenization_spaces",
+               "model_max_length", "padding_side", "bos_token", "eos_token", "unk_token", "pad_token",
+               "additional_special_tokens", "extra_special_tokens", "sp_model_kwargs")
+
+PROBES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "hello world",
+    " leading space and  two  spaces   three",
+    "trailing space ",
+    "new\nline\n\nand\ttab",
+    "digits 0123456789 and 3.14159",
+    "<|im_start|>user\nPlease segment the cat.<|im_end|>\n<|im_start|>assistant\n",
+    "unicode: café naïve 東京 😀",
+    "",
+)
+
+
+@dataclass
+class SpmModel:
+    pieces: list[tuple[str, float, int]]  # (piece, score, type)
+    model_type: str = "unigram"
+    byte_fallback: bool = False
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    normalizer: str = "nmt_nfkc"
+    has_charsmap: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def ids_of(self, *types: int) -> list[int]:
+        return [i for i, (_, _, t) in enumerate(self.pieces) if t in types]
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        out |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return out, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: bytes):
+    """(field number, wire type, value) for each field of one protobuf message."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + n], pos + n
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated field")
+        yield num, wire, value
+
+
+def read_spm(path: Path) -> SpmModel:
+    """The parts of a SentencePiece ModelProto a fast-tokenizer conversion needs."""
+    try:
+        data = Path(path).read_bytes()
+        model = SpmModel(pieces=[])
+        for num, wire, value in _fields(data):
+            if num == 1 and wire == 2:  # pieces
+                piece, score, typ = "", 0.0, NORMAL
+                for n, w, v in _fields(value):
+                    if n == 1 and w == 2:
+                        piece = v.decode("utf-8")
+                    elif n == 2 and w == 5:
+                        score = struct.unpack("<f", v)[0]
+                    elif n == 3 and w == 0:
+                        typ = v
+                model.pieces.append((piece, score, typ))
+            elif num == 2 and wire == 2:  # trainer_spec
+                for n, w, v in _fields(value):
+                    if n == 3 and w == 0:
+                        model.model_type = MODEL_TYPES.get(v, str(v))
+                    elif n == 35 and w == 0:
+                        model.byte_fallback = bool(v)
+            elif num == 3 and wire == 2:  # normalizer_spec
+                for n, w, v in _fields(value):
+                    if n == 1 and w == 2:
+                        model.normalizer = v.decode("utf-8")
+                    elif n == 2 and w == 2:
+                        model.has_charsmap = len(v) > 0
+                    elif n == 3 and w == 0:
+                        model.add_dummy_prefix = bool(v)
+                    elif n == 4 and w == 0:
+                        model.remove_extra_whitespaces = bool(v)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UnreadableInput(f"tokenizer.model is not a readable SentencePiece model ({exc})", path) from None
+    if not model.pieces:
+        raise UnreadableInput("tokenizer.model holds no pieces", path)
+    if model.model_type != "bpe":
+        model.notes.append(f"SentencePiece model type is {model.model_type}, not BPE: LlamaTokenizer "
+                           "(BPE) may not reproduce it")
+    if model.normalizer != "identity" and model.has_charsmap:
+        model.notes.append(f"SentencePiece normalizer {model.normalizer!r} is not reproduced by LlamaTokenizer")
+    if model.remove_extra_whitespaces:
+        model.notes.append("SentencePiece collapses repeated spaces (remove_extra_whitespaces); "
+                           "LlamaTokenizer keeps them")
+    return model
+
+
+def _added_tokens(src_config: dict[str, Any], folder: Path) -> dict[int, dict[str, Any]]:
+    """id -> AddedToken fields, from added_tokens_decoder and (older folders) added_tokens.json."""
+    out: dict[int, dict[str, Any]] = {}
+    for key, entry in (src_config.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and "content" in entry:
+            out[int(key)] = dict(entry)
+        elif isinstance(entry, str):
+            out[int(key)] = {"content": entry, "special": True}
+    legacy = folder / "added_tokens.json"
+    if legacy.is_file():
+        try:
+            for content, idx in json.loads(legacy.read_text()).items():
+                out.setdefault(int(idx), {"content": content, "special": True})
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+            raise UnreadableInput(f"added_tokens.json is malformed ({exc})", folder) from None
+    return out
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _added(entry: dict[str, Any], content: str, special: bool):
+    from tokenizers import AddedToken
+
+    return AddedToken(content, special=special, normalized=False, lstrip=bool(entry.get("lstrip", False)),
+                      rstrip=bool(entry.get("rstrip", False)), single_word=bool(entry.get("single_word", False)))
+
+
+def build_fast_tokenizer(spm: SpmModel, added: dict[int, dict[str, Any]], *, bos: str | None, eos: str | None,
+                         add_bos: bool, add_eos: bool):
+    """A `tokenizers.Tokenizer` equivalent to the SentencePiece BPE model: the same pieces at
+    the same ids, merges ranked by piece id (as transformers' SentencePieceExtractor does),
+    Metaspace without splitting (prefix only with add_dummy_prefix), byte fallback only when
+    the model has it (otherwise unknown characters become one fused unk, as in SentencePiece)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers.tokenization_utils_base import generate_merges
+
+    vocab = {piece: i for i, (piece, _, _) in enumerate(spm.pieces)}
+    if len(vocab) != len(spm.pieces):
+        raise UnreadableInput("tokenizer.model repeats a piece")
+    unk = next((spm.pieces[i][0] for i in spm.ids_of(UNKNOWN)), None)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True,
+                              byte_fallback=spm.byte_fallback, dropout=None))
+    tk.normalizer = None
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
+                                                prepend_scheme="first" if spm.add_dummy_prefix else "never",
+                                                split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spm.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tk.decoder = decoders.Sequence(steps)
+
+    # Pieces SentencePiece never splits (control, unknown, user-defined) are added tokens at their
+    # ids; tokens past the SentencePiece vocab are appended in id order and must land on their ids.
+    base = len(spm.pieces)
+    for i in spm.ids_of(CONTROL, USER_DEFINED, UNKNOWN):
+        entry = added.get(i, {})
+        special = bool(entry.get("special", spm.pieces[i][2] != USER_DEFINED))
+        tk.add_tokens([_added(entry, spm.pieces[i][0], special)])
+    for i, entry in added.items():
+        if i < base and entry.get("content") != spm.pieces[i][0]:
+            raise UnreadableInput(f"tokenizer_config.json gives id {i} to {entry.get('content')!r} but "
+                                  f"tokenizer.model has {spm.pieces[i][0]!r} there")
+    extra = sorted(i for i in added if i >= base)
+    if extra and extra != list(range(base, base + len(extra))):
+        raise UnreadableInput(f"added token ids {extra} do not follow the SentencePiece vocab "
+                              f"({base} pieces) without gaps")
+    for i in extra:
+        tk.add_tokens([_added(added[i], added[i]["content"], bool(added[i].get("special", True)))])
+        got = tk.token_to_id(added[i]["content"])
+        if got != i:
+            raise UnreadableInput(f"added token {added[i]['content']!r} would get id {got}, not {i}")
+
+    use_bos = add_bos and bos is not None and tk.token_to_id(bos) is not None
+    use_eos = add_eos and eos is not None and tk.token_to_id(eos) is not None
+    single = [f"{bos}:0"] * use_bos + ["$A:0"] + [f"{eos}:0"] * use_eos
+    pair = single + [f"{bos}:1"] * use_bos + ["$B:1"] + [f"{eos}:1"] * use_eos
+    specials = sorted({(t, tk.token_to_id(t)) for t, on in ((bos, use_bos), (eos, use_eos)) if on})
+    tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+    return tk
+
+
+def write_llama_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
+    """Write tokenizer.model (copied), tokenizer.json and tokenizer_config.json into `dst`.
+
+    tokenizer_class is `LlamaTokenizer` when Llama's own pipeline reproduces the
+    SentencePiece model (BPE with byte fallback, which is what LlamaTokenizer rebuilds);
+    otherwise `PreTrainedTokenizerFast`, which loads tokenizer.json exactly as written.
+    Returns a report; a source folder with no tokenizer.model gets no tokenizer.
+    """
+    import shutil
+
+    model_path = src / "tokenizer.model"
+    if not model_path.is_file():
+        return {"files": [], "notes": ["source has no tokenizer.model: no tokenizer written"]}
+    spm = read_spm(model_path)
+    src_config: dict[str, Any] = {}
+    if (src / "tokenizer_config.json").is_file():
+        try:
+            src_config = json.loads((src / "tokenizer_config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise UnreadableInput(f"tokenizer_config.json is not valid JSON ({exc})", src) from None
+    added = _added_tokens(src_config, src)
+    bos = _token_text(src_config.get("bos_token", "<s>"))
+    eos = _token_text(src_config.get("eos_token", "</s>"))
+    add_bos = bool(src_config.get("add_bos_token", True))
+    add_eos = bool(src_config.get("add_eos_token", False))
+    try:
+        tk = build_fast_tokenizer(spm, added, bos=bos, eos=eos, add_bos=add_bos, add_eos=add_eos)
+    except UnreadableInput as exc:
+        raise UnreadableInput(exc.message, src) from None
+    tk.save(str(dst / "tokenizer.json"))
+    shutil.copyfile(model_path, dst / "tokenizer.model")
+
+    llama_ok = spm.model_type == "bpe" and spm.byte_fallback and not spm.remove_extra_whitespaces \
+        and not (spm.has_charsmap and spm.normalizer != "identity")
+    notes = list(spm.notes)
+    if not llama_ok:
+        notes.append("tokenizer_class PreTrainedTokenizerFast: LlamaTokenizer would rebuild the pipeline with "
+                     "byte fallback" + ("" if spm.byte_fallback else ", which this SentencePiece model lacks"))
+    all_added = {i: e for i, e in added.items()}
+    for i in spm.ids_of(CONTROL, USER_DEFINED, UNKNOWN):
+        all_added.setdefault(i, {"content": spm.pieces[i][0], "special": spm.pieces[i][2] != USER_DEFINED})
+    cfg: dict[str, Any] = {k: src_config[k] for k in KEEP_CONFIG if k in src_config}
+    cfg.update({
+        "tokenizer_class": "LlamaTokenizer" if llama_ok else "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "add_prefix_space": spm.add_dummy_prefix,
+        "legacy": False,
+        "added_tokens_decoder": {str(i): {"content": e["content"], "lstrip": bool(e.get("lstrip", False)),
+                                          "normalized": False, "rstrip": bool(e.get("rstrip", False)),
+                                          "single_word": bool(e.get("single_word", False)),
+                                          "special": bool(e.get("special", True))}
+                                 for i, e in sorted(all_added.items())},
+    })
+    cfg.setdefault("unk_token", next((spm.pieces[i][0] for i in spm.ids_of(UNKNOWN)), "<unk>"))
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if (src / "special_tokens_map.json").is_file():
+        shutil.copyfile(src / "special_tokens_map.json", dst / "special_tokens_map.json")
+    files = sorted(p.name for p in dst.iterdir() if p.name in TOKENIZER_FILES)
+    return {"files": files, "tokenizer_class": cfg["tokenizer_class"], "sentencepiece_pieces": len(spm.pieces),
+            "vocab_size": tk.get_vocab_size(with_added_tokens=True),
+            "added_tokens": {e["content"]: i for i, e in sorted(all_added.items())},
+            "add_prefix_space": spm.add_dummy_prefix, "byte_fallback": spm.byte_fallback, "notes": notes}
+
+
+def check_tokenizer(folder: Path, spm_path: Path, added: dict[str, int]) -> list[str]:
+    """Load `folder` with AutoTokenizer (no remote code); compare ids with SentencePiece on
+    PROBES, and each added token with its id. Returns the differences (empty = same)."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    problems = []
+    for text in PROBES:
+        want = sp.encode(text)
+        got = tok.encode(text, add_special_tokens=False)
+        if got != want:
+            problems.append(f"{text!r}: LlamaTokenizer {got[:12]} vs SentencePiece {want[:12]}")
+    for content, idx in added.items():
+        got = tok.encode(content, add_special_tokens=False)
+        if got != [idx]:
+            problems.append(f"added token {content!r}: encodes to {got}, not [{idx}]")
+    return problems
