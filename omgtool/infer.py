@@ -7,6 +7,7 @@ user asks for (heads, kv heads, CLIP channels), each assumption stated with its 
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,7 +51,7 @@ def detect_family(keys: list[str], ckpt: Checkpoint | None, registry: Registry,
         return (fam, *match_keys(keys, fam, registry))
     best = None
     for fam in registry.families.values():
-        if fam.lora and fam.lora.alpha_from == "adapter_config" and not _has_adapter_config(ckpt):
+        if fam.lora and fam.lora.needs_adapter_config and not _has_adapter_config(ckpt):
             continue
         matches, unexplained = match_keys(keys, fam, registry)
         present = {m.component for m in matches.values()}
@@ -96,6 +97,8 @@ def resolve_alpha(family: FamilyMapping | None, ckpt: Checkpoint | None,
         cfg = ckpt.metadata.get("adapter_config") if ckpt else None
         if isinstance(cfg, dict) and "lora_alpha" in cfg:
             return float(cfg["lora_alpha"]), "checkpoint (adapter_config.json lora_alpha)"
+        if not isinstance(cfg, dict):
+            return None, "unknown: no adapter_config.json was read (open the run folder); pass --alpha"
         return None, "unknown: adapter_config.json has no lora_alpha; pass --alpha"
     return family.lora.default_alpha, family.lora.alpha_source
 
@@ -114,10 +117,14 @@ def analyze(ckpt: Checkpoint, registry: Registry | None = None, family: str | No
 
     stage = None
     if fam is not None:
+        present = {m.component for m in matches.values()}
         for spec in fam.stages:
-            if spec.when == "always" or (spec.when == "lora") == bool(pairs):
-                stage = spec.name
-                break
+            if not (spec.when == "always" or (spec.when == "lora") == bool(pairs)):
+                continue
+            if set(spec.present) - present or set(spec.absent) & present:
+                continue
+            stage = spec.name
+            break
 
     architecture: dict[str, Any] = {"family": fam.name if fam else "unknown", "stage": stage}
     if fam is not None:
@@ -150,15 +157,40 @@ def lora_summary(ckpt: Checkpoint, fam: FamilyMapping, pairs: list[LoraPair], al
     if len(ranks) > 1:
         notes.append(f"LoRA ranks differ between modules: {dict(ranks)} (rank_pattern)")
     alpha, source = resolve_alpha(fam, ckpt, alpha_override)
-    return {
+    out = {
         "rank": rank,
         "alpha": alpha,
         "alpha_source": source,
-        "scale": (alpha / rank) if alpha is not None else None,
+        "scale": lora_scaling(alpha, rank, ckpt) if alpha is not None else None,
         "targets": sorted({p.module for p in pairs}),
         "num_pairs": len(pairs),
         "components": sorted({p.component for p in pairs}),
     }
+    cfg = ckpt.metadata.get("adapter_config")
+    if isinstance(cfg, dict):
+        out["adapter_config"] = {k: cfg.get(k) for k in ADAPTER_CONFIG_FIELDS if k in cfg}
+        if cfg.get("r") is not None and int(cfg["r"]) != rank:
+            notes.append(f"adapter_config.json says r={cfg['r']} but the LoRA factors have rank {rank}")
+        for key in ("alpha_pattern", "rank_pattern"):
+            if cfg.get(key):
+                notes.append(f"adapter_config.json has a per-module {key}: {cfg[key]}")
+        if cfg.get("use_dora"):
+            notes.append("adapter_config.json sets use_dora: this is DoRA, not plain LoRA (merge refused)")
+    return out
+
+
+#: adapter_config.json entries shown by inspect (what the adapter targets and saves).
+ADAPTER_CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save",
+                         "base_model_name_or_path", "task_type", "rank_pattern", "alpha_pattern", "use_dora",
+                         "fan_in_fan_out", "bias")
+
+
+def lora_scaling(alpha: float, rank: int, ckpt: Checkpoint | None = None) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) when adapter_config.json sets use_rslora."""
+    cfg = ckpt.metadata.get("adapter_config") if ckpt is not None else None
+    if isinstance(cfg, dict) and cfg.get("use_rslora"):
+        return alpha / math.sqrt(rank)
+    return alpha / rank
 
 
 def collect_dims(ckpt: Checkpoint, comp_matches: list[KeyMatch]) -> tuple[dict[str, int], list[str]]:
@@ -259,11 +291,40 @@ def _text2vision(dims, arch, matches, notes) -> dict:
     return {"in_features": dims.get("hidden_size"), "out_features": dims.get("query_dim")}
 
 
+def _dims(dims, arch, matches, notes) -> dict:
+    """Every named dimension the mapping's `dims` read from the shapes, as is."""
+    return {k: v for k, v in sorted(dims.items())}
+
+
+def _mlp_projector(dims, arch: ArchitectureMapping, matches: list[KeyMatch], notes) -> dict:
+    """Widths of a chain of linears (in the mapping's weight order): e.g. 1024 -> 4096 -> 4096."""
+    seen = {m.template for m in matches}  # weights, or LoRA factors on them (adapters)
+    widths: list[int | None] = []
+    for spec in arch.weights:
+        if spec.name not in seen or len(spec.dims) != 2:
+            continue
+        out_dim, in_dim = (dims.get(d) for d in spec.dims)
+        if not widths:
+            widths.append(in_dim)
+        elif widths[-1] != in_dim:
+            notes.append(f"{arch.name}: {spec.name} takes {in_dim} features but the previous layer gives "
+                         f"{widths[-1]}")
+        widths.append(out_dim)
+    out: dict[str, Any] = {"mm_hidden_size": dims.get("mm_hidden_size"), "hidden_size": dims.get("hidden_size"),
+                           "widths": widths}
+    for key, value in arch.defaults.items():
+        if key.startswith("projector_type"):
+            out[key] = value
+    return out
+
+
 DERIVATIONS: dict[str, Callable[..., dict]] = {
     "num_layers": _num_layers,
     "gqa_heads": _gqa_heads,
     "omg_projector": _omg_projector,
     "text2vision": _text2vision,
+    "dims": _dims,
+    "mlp_projector": _mlp_projector,
 }
 
 

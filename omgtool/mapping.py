@@ -72,12 +72,23 @@ class LoraSpec(_Strict):
     default_alpha: float | None = None
     alpha_source: str = ""
     adapter_names: list[str] = Field(default_factory=lambda: ["default"])
+    # detect this family only when an adapter_config.json was read; None: when alpha_from is
+    # "adapter_config" (a generic PEFT family must not claim bare state dicts)
+    require_adapter_config: bool | None = None
+
+    @property
+    def needs_adapter_config(self) -> bool:
+        if self.require_adapter_config is None:
+            return self.alpha_from == "adapter_config"
+        return self.require_adapter_config
 
 
 class StageSpec(_Strict):
     name: str
     when: Literal["lora", "no-lora", "always"]
     description: str = ""
+    present: list[str] = Field(default_factory=list)  # components that must have keys
+    absent: list[str] = Field(default_factory=list)  # components that must have none
 
 
 class FileHint(_Strict):

@@ -18,6 +18,10 @@ __all__ = ["Checkpoint", "SafetyReport", "TensorInfo", "open_checkpoint", "open_
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# LLaVA: a LoRA run keeps the non-LoRA trained weights (the projector) beside the adapter;
+# a stage-1 (projector alignment) run folder holds only mm_projector.bin.
+ADAPTER_COMPANIONS = ("non_lora_trainables.bin",)
+PROJECTOR_ONLY = ("mm_projector.bin",)
 DEEPSPEED_FILE = "mp_rank_00_model_states.pt"
 
 
@@ -68,15 +72,38 @@ def _open_folder(path: Path) -> Checkpoint:
     for adapter in ADAPTER_FILES:
         if (path / adapter).is_file():
             ckpt = open_file(path / adapter)
-            folder = _as_folder(ckpt, path, "peft-adapter", [path / adapter])
-            return folder
+            companions = [path / c for c in ADAPTER_COMPANIONS if (path / c).is_file()]
+            for extra in companions:
+                _add_tensors(ckpt, open_file(extra), path)
+            fmt = "peft-adapter" + "".join(f" + {c.name}" for c in companions)
+            return _as_folder(ckpt, path, fmt, [path / adapter, *companions])
+    for single in PROJECTOR_ONLY:
+        if (path / single).is_file():
+            return _as_folder(open_file(path / single), path, "projector-folder", [path / single])
     ds = _deepspeed_file(path)
     if ds is not None:
         ckpt = open_file(ds)
         return _as_folder(ckpt, path, "deepspeed", [ds])
     raise UnreadableInput("folder holds no model weights (no model.safetensors[.index.json], "
-                          "pytorch_model*.bin, adapter_model.*, or DeepSpeed mp_rank_00_model_states.pt)",
+                          "pytorch_model*.bin, adapter_model.*, mm_projector.bin, or DeepSpeed "
+                          "mp_rank_00_model_states.pt)",
                           path)
+
+
+def _add_tensors(ckpt: Checkpoint, extra: Checkpoint, folder: Path) -> None:
+    """Present `extra`'s tensors (names unchanged) beside `ckpt`'s; merge safety and metadata."""
+    clash = sorted(set(ckpt.tensors) & set(extra.tensors))
+    if clash:
+        raise UnreadableInput(f"{extra.path.name} holds tensors the adapter also holds: {', '.join(clash[:3])}",
+                              folder)
+    ckpt.tensors = {**ckpt.tensors, **extra.tensors}
+    if extra.safety.verdict != "not-a-pickle":
+        ckpt.safety.findings.extend(extra.safety.findings)
+        unsafe = "unsafe" in (ckpt.safety.verdict, extra.safety.verdict)
+        ckpt.safety.verdict = "unsafe" if unsafe else "safe"
+        ckpt.safety.globals_seen = sorted(set(ckpt.safety.globals_seen) | set(extra.safety.globals_seen))
+    if extra.metadata:
+        ckpt.metadata = {**ckpt.metadata, extra.path.name: extra.metadata}
 
 
 def _deepspeed_file(path: Path) -> Path | None:
