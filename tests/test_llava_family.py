@@ -367,3 +367,18 @@ def test_diff_fixture_against_itself_is_clean():
     for path in (L15 / "llava-v1.5-tiny-lora", PA / "colllavai-tiny-lora"):
         result = runner.invoke(app, ["diff", str(path), str(path)])
         assert result.exit_code == 0, result.output
+
+
+# --- export --to safetensors (the families table says it works for these families) ----------
+
+@pytest.mark.parametrize("src", [L15 / "llava-v1.5-tiny-lora", L15 / "llava-v1.5-tiny-pretrain" / "mm_projector.bin"])
+def test_export_safetensors_carries_every_tensor(tmp_path, src):
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["export", str(src), "--to", "safetensors", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    files = [src] if src.is_file() else [src / "adapter_model.bin", src / "non_lora_trainables.bin"]
+    expected = {k: v for f in files for k, v in torch_load(f).items()}
+    got = safetensors_load(out)
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
