@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -185,6 +186,9 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
         raise InvalidArgument(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _umask = os.umask(0)
+    os.umask(_umask)
+    os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes it 0700; the output is an ordinary folder
     try:
         yield tmp
         if out.exists():
