@@ -505,3 +505,13 @@ def test_json_report(work, tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
     prov = json.loads((tmp_path / "o" / "omgtool-export.json").read_text())
     assert prov["conversion"] == "internlm2-to-llama"
+
+
+def test_output_folder_has_ordinary_permissions(work):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("base-llama", "adapter"):
+        assert stat.S_IMODE((work["tmp"] / name).stat().st_mode) == 0o777 & ~mask
