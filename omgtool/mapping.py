@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -131,7 +131,33 @@ class ConversionMapping(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict)
 
 
-Mapping = ArchitectureMapping | FamilyMapping | ConversionMapping
+class PrefixRule(_Strict):
+    source: str  # key prefix in the source file
+    target: str  # the prefix it becomes in the target module's state dict
+
+
+class KeyLayout(_Strict):
+    """One way a file can name the weights: prefix renames, plus prefixes knowingly ignored."""
+
+    name: str
+    description: str = ""
+    rules: list[PrefixRule]
+    ignore: list[str] = Field(default_factory=list)  # prefixes of keys the target does not use
+
+
+class KeyMapMapping(_Strict):
+    """Prefix renames from the layouts a file may have to a module's own state-dict names
+    (e.g. the OMG-Seg checkpoint or an open_clip state dict -> open_clip's vision tower)."""
+
+    kind: Literal["keymap"]
+    name: str
+    description: str
+    model: str  # what the keys load into
+    required: list[str] = Field(default_factory=list)  # target prefixes that must all be present
+    layouts: list[KeyLayout]
+
+
+Mapping = ArchitectureMapping | FamilyMapping | ConversionMapping | KeyMapMapping
 
 
 @dataclass
@@ -140,6 +166,7 @@ class Registry:
     families: dict[str, FamilyMapping]
     conversions: dict[str, ConversionMapping]
     root: Path
+    keymaps: dict[str, KeyMapMapping] = field(default_factory=dict)
 
     def architecture(self, name: str) -> ArchitectureMapping:
         try:
@@ -159,6 +186,12 @@ class Registry:
                 return conv
         raise InvalidArgument(f"no conversion mapping from {source} to {target} in {self.root}")
 
+    def keymap(self, name: str) -> KeyMapMapping:
+        try:
+            return self.keymaps[name]
+        except KeyError:
+            raise InvalidArgument(f"no keymap mapping named {name!r} in {self.root}") from None
+
 
 def mappings_dir() -> Path:
     env = os.environ.get("OMGTOOL_MAPPINGS")
@@ -174,7 +207,8 @@ def mappings_dir() -> Path:
 @lru_cache(maxsize=4)
 def load_registry(root: Path | None = None) -> Registry:
     root = root or mappings_dir()
-    kinds = {"architecture": ArchitectureMapping, "family": FamilyMapping, "conversion": ConversionMapping}
+    kinds = {"architecture": ArchitectureMapping, "family": FamilyMapping, "conversion": ConversionMapping,
+             "keymap": KeyMapMapping}
     reg = Registry({}, {}, {}, root)
     for path in sorted(root.glob("*.toml")):
         try:
@@ -187,7 +221,7 @@ def load_registry(root: Path | None = None) -> Registry:
             first = str(exc).splitlines()
             raise InvalidArgument(f"{path}: invalid mapping: {' '.join(first[:3])}") from None
         table = {"architecture": reg.architectures, "family": reg.families,
-                 "conversion": reg.conversions}[mapping.kind]
+                 "conversion": reg.conversions, "keymap": reg.keymaps}[mapping.kind]
         if mapping.name in table:
             raise InvalidArgument(f"{path}: duplicate mapping name {mapping.name!r}")
         table[mapping.name] = mapping

@@ -1,0 +1,144 @@
+"""`omgtool verify`: rebuild OMG-LLaVA from a merged or exported folder and run the checks.
+
+The library is `omgtool.verify` (run_verify); this module parses options and renders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from omgtool.errors import CheckFailed
+
+
+def cli(
+    folder: Path = typer.Argument(..., help="merge-lora output (InternLM2 layout) or a Llama export folder"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="the finetune (or pretrain) checkpoint "
+                                           "that was merged: enables the merged vs base + unmerged LoRA check"),
+    base: Optional[Path] = typer.Option(None, "--base", help="base LLM folder (default: the base recorded in "
+                                        "the folder's omgtool-merge.json)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha for the reference (default: the "
+                                          "mapping default, 256 for OMG-LLaVA)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="image for the multimodal check (default: a "
+                                         "generated test image)"),
+    vision_weights: Optional[Path] = typer.Option(None, "--vision-weights", help="ConvNeXt-L CLIP weights: an "
+                                                  "open_clip state dict or the OMG-Seg checkpoint (default: "
+                                                  "random init, flagged)"),
+    projector: Optional[Path] = typer.Option(None, "--projector", help="file with projector.* weights "
+                                             "(default: the folder's projector.safetensors, else --adapter)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto': place the LLM across GPUs, "
+                                             "CPU and disk through accelerate"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="limits for --device-map, e.g. "
+                                             "'0=20GiB,cpu=64GB'"),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help="disk offload folder for "
+                                                  "--device-map (default: a temporary folder)"),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 where it fits), fp32 or bf16"),
+    queries: int = typer.Option(300, "--queries", help="synthesized object queries (OMG-Seg uses 300)"),
+    tolerance: float = typer.Option(3.0, "--tolerance", help="merge check passes when the logit difference "
+                                    "is at most this many times the noise floor measured in the run"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON report to stdout"),
+) -> None:
+    """Rebuild the full OMG-LLaVA model and check it computes: LLM forward, merged vs base + unmerged
+    LoRA (with --adapter), image -> trunk -> pixel shuffle -> projector -> LLM, and [SEG] -> text2vision.
+
+    Exit codes: 0 all checks passed (skipped ones named); 1 a check failed; 2 unreadable input or bad
+    arguments; 3 unsafe pickle refused.
+    """
+    from omgtool.console import emit_json, err
+    from omgtool.verify import VerifyOptions, parse_max_memory, run_verify
+
+    progress = None
+    if not json_out:
+        console = err()
+        progress = lambda msg: console.print(f"[dim]verify: {msg}[/]")  # noqa: E731
+    opts = VerifyOptions(folder=folder, adapter=adapter, base=base, alpha=alpha, image=image,
+                         vision_weights=vision_weights, projector=projector, device=device,
+                         device_map=device_map, max_memory=parse_max_memory(max_memory),
+                         offload_folder=offload_folder, precision=precision.lower(), num_queries=queries,
+                         tolerance_factor=tolerance, progress=progress)
+    report = run_verify(opts)
+    if json_out:
+        emit_json(report)
+    else:
+        render(report)
+    if report["failed"]:
+        reasons = "; ".join(f"{name}: {report['checks'][name].get('reason', 'failed')}" for name in report["failed"])
+        raise CheckFailed(f"verify failed ({reasons})")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.markup import escape as esc
+    from rich.table import Table
+
+    from omgtool.console import out
+
+    console = out()
+    prec = report["precision"]
+    console.print(f"[bold]{esc(report['folder'])}[/] · {report['layout']} · {esc(report['device'])} · "
+                  f"{esc(report['placement'])} · compute {prec['compute']} ({esc(prec['why'])}) · stored "
+                  f"{prec['stored']}")
+    table = Table(title="checks", title_justify="left")
+    for col in ("check", "status", "numbers"):
+        table.add_column(col)
+    colors = {"pass": "green", "fail": "red", "skipped": "yellow"}
+    for name, c in report["checks"].items():
+        table.add_row(name, f"[{colors.get(c['status'], 'white')}]{c['status']}[/]", esc(_summary(name, c)))
+    console.print(table)
+    t = report["timings_s"]
+    console.print("timings " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
+    m = report["memory"]
+    gpu = (f" · peak GPU {_size(m.get('peak_gpu_allocated_bytes'))}"
+           + (f" ({m['peak_gpu_over_bf16_weights']}x the bf16 weights)" if m.get("peak_gpu_over_bf16_weights")
+              else "")) if m.get("peak_gpu_allocated_bytes") is not None else ""
+    console.print(f"memory peak CPU RSS {_size(m['peak_cpu_rss_bytes'])}{gpu}")
+    for s in report["synthesized"]:
+        console.print(f"[yellow]synthesized:[/] {esc(s)}")
+    for n in report["notes"]:
+        console.print(f"[yellow]note:[/] {esc(n)}")
+    verdict = "[green]all checks passed[/]" if report["passed"] else f"[red]failed: {', '.join(report['failed'])}[/]"
+    console.print(verdict)
+
+
+def _summary(name: str, c: dict[str, Any]) -> str:
+    if c["status"] == "skipped":
+        return c.get("reason", "")
+    parts: list[str] = []
+    if name == "llm_forward" and "logits" in c:
+        lg = c["logits"]
+        parts.append(f"{c['tokens']} tokens, logits {lg['shape']} finite={lg['finite']} std {lg['std']:.3g}")
+    elif name == "merge" and "delta" in c:
+        d, f = c["delta"], c.get("floor", {})
+        parts.append(f"Δ max {d['max_abs']:.4g} mean {d['mean_abs']:.4g} relL2 {d['rel_l2']:.4g} "
+                     f"top1 {d['top1_agreement']:.1%}")
+        if f:
+            parts.append(f"floor relL2 {f['rel_l2']:.4g} → tol {c['tolerance_rel_l2']:.4g}")
+        if "lora_effect" in c:
+            parts.append(f"LoRA effect relL2 {c['lora_effect']['rel_l2']:.4g}")
+        parts.append(f"alpha {c['reference']['alpha']:g} (scale {_fmt(c['reference']['scale'])})")
+    elif name == "multimodal" and "visual_tokens" in c:
+        v = c["visual_tokens"]
+        parts.append(f"trunk {c.get('trunk_last_stage')} → shuffle {c.get('pixel_shuffled')} → "
+                     f"{v['grid']} grid + 1 sep + {v['queries']} queries = {v['total']} tokens; "
+                     f"sequence {c.get('sequence', {}).get('total')}")
+    elif name == "seg" and "vector_shape" in c:
+        parts.append(f"[SEG] id {c['seg_id']} at {c['positions']} → vector {c['vector_shape']}")
+    if c.get("reason"):
+        parts.append(c["reason"])
+    if c.get("warning"):
+        parts.append("warning: " + c["warning"])
+    return "; ".join(parts)
