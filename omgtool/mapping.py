@@ -65,6 +65,16 @@ class ComponentSpec(_Strict):
     architecture: str
     prefixes: list[str]  # tried longest first
     required: bool = False
+    # merge-lora: where this component's tensors go. "model": into the merged base model (its
+    # weight names are the base's key names); a file name: carried there under the original
+    # key names. None: "model" for the component named "llm", else "projector.safetensors".
+    merge_into: str | None = None
+
+    @property
+    def merge_target(self) -> str:
+        if self.merge_into is not None:
+            return self.merge_into
+        return "model" if self.name == "llm" else "projector.safetensors"
 
 
 class LoraSpec(_Strict):
@@ -97,6 +107,29 @@ class FileHint(_Strict):
     names: list[str] = Field(default_factory=list)  # glob patterns on the file/folder name
 
 
+class TokenSpec(_Strict):
+    content: str
+    embedded: bool = True  # False: added after the embedding resize, so its id has no row
+    description: str = ""
+
+
+class TokensSpec(_Strict):
+    """Special tokens training added to the base tokenizer, in order: ids V, V+1, ... (V = base size)."""
+
+    added: list[TokenSpec]
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [t.content for t in self.added]
+        if len(set(names)) != len(names):
+            raise ValueError("a token is listed twice")
+        embedded = [t.embedded for t in self.added]
+        if embedded != sorted(embedded, reverse=True):
+            raise ValueError("tokens without an embedding row must come after the embedded ones")
+        return self
+
+
 class FamilyMapping(_Strict):
     kind: Literal["family"]
     name: str
@@ -106,6 +139,7 @@ class FamilyMapping(_Strict):
     lora: LoraSpec | None = None
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name="full", when="always")])
     hints: FileHint = Field(default_factory=FileHint)
+    tokens: TokensSpec | None = None
 
 
 class RenameRule(_Strict):
