@@ -33,6 +33,7 @@ TEXT_INPUT = "Please describe this picture and segment the main object."
 MM_INPUT = "<image>\nPlease segment the main object in this image."
 ANSWER = "Sure, it is [SEG]."
 MERGE_RECORD = "omgtool-merge.json"
+EXPORT_RECORD = "omgtool-export.json"
 PROJECTOR_FILE = "projector.safetensors"
 GPU_BUDGET_RATIO = 2.4  # peak GPU memory target: at most this many times the bf16 LLM weights
 GPU_MARGIN = 1 << 30  # activations, logits, vision trunk
@@ -167,18 +168,20 @@ def _free(*objs) -> None:
 
 
 def resolve_base(folder: Path, base: Path | None) -> tuple[Path, str]:
-    """--base, else the base recorded in the folder's omgtool-merge.json (fields read tolerantly)."""
+    """--base, else the base recorded in the folder's omgtool-merge.json (fields read tolerantly); for a
+    Llama export, the merge record it carried or the one of the folder it was exported from."""
     if base is not None:
         if not Path(base).exists():
             raise UnreadableInput("no such base folder", base)
         return Path(base), "--base"
-    record = folder / MERGE_RECORD
-    if not record.is_file():
+    roots = [folder]
+    export = _read_record(folder / EXPORT_RECORD, folder)
+    if isinstance(export.get("source"), str):
+        roots.append(Path(export["source"]))
+    record_dir = next((r for r in roots if (r / MERGE_RECORD).is_file()), None)
+    if record_dir is None:
         raise InvalidArgument(f"{folder} has no {MERGE_RECORD} recording its base; pass --base")
-    try:
-        data = json.loads(record.read_text())
-    except json.JSONDecodeError as exc:
-        raise UnreadableInput(f"{MERGE_RECORD} is not valid JSON ({exc})", folder) from None
+    data = _read_record(record_dir / MERGE_RECORD, folder)
     candidates = []
     for path in (("base",), ("inputs", "base"), ("base_folder",), ("base_path",), ("inputs", "base_folder")):
         node: Any = data
@@ -192,12 +195,23 @@ def resolve_base(folder: Path, base: Path | None) -> tuple[Path, str]:
         raise InvalidArgument(f"{MERGE_RECORD} records no base folder; pass --base")
     tried = []
     for cand in candidates:
-        for p in (Path(cand), folder / cand, folder.parent / cand):
+        for root in (None, *roots, *(r.parent for r in roots)):
+            p = Path(cand) if root is None else root / cand
             tried.append(str(p))
             if p.is_dir():
-                return p, f"{MERGE_RECORD}"
+                return p, str(record_dir / MERGE_RECORD)
     raise InvalidArgument(f"the base recorded in {MERGE_RECORD} ({candidates[0]}) was not found "
                           f"(looked at {', '.join(dict.fromkeys(tried))}); pass --base")
+
+
+def _read_record(path: Path, folder: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnreadableInput(f"{path.name} is not valid JSON ({exc})", folder) from None
+    return data if isinstance(data, dict) else {}
 
 
 def find_projector(opts: VerifyOptions, adapter_ckpt):
@@ -479,15 +493,50 @@ def synthesize_queries(num_queries: int, query_in: int, h: int, w: int, seed: in
     return query_pos_feat.unsqueeze(0), pixel_prior.reshape(1, h * w, query_in), attn_mask.unsqueeze(0)
 
 
+def visual_tokens(tower, projector, pixels, ratio: int, num_queries: int, query_in: int, seed: int,
+                  timed=None) -> dict[str, Any]:
+    """image -> trunk last stage -> pixel shuffle -> grid ++ per-pixel prior -> projector.
+
+    Returns the intermediates and `visual` [grid + 1 + valid queries, hidden] for one image.
+    """
+    import contextlib
+
+    import torch
+
+    from omgtool.models.pixel_shuffle import grid_tokens, pixel_shuffle
+    from omgtool.models.vision import trunk_last_stage
+
+    timed = timed or (lambda name: contextlib.nullcontext())
+    with timed("forward_vision"):
+        feat = trunk_last_stage(tower, pixels)
+    shuffled = pixel_shuffle(feat, ratio)
+    grid = grid_tokens(shuffled)
+    queries, prior, attn_mask = synthesize_queries(num_queries, query_in, shuffled.shape[-2], shuffled.shape[-1],
+                                                   seed)
+    clip_feature = torch.cat([grid, prior.to(grid.device, grid.dtype)], dim=-1)
+    with timed("forward_projector"):
+        visual = projector(clip_feature, queries.to(grid.device, grid.dtype), attn_mask.to(grid.device))[0]
+    return {"feat": feat, "shuffled": shuffled, "grid": grid, "queries": queries, "prior": prior,
+            "attn_mask": attn_mask, "clip_feature": clip_feature, "visual": visual,
+            "valid_queries": int((attn_mask.sum(-1) < attn_mask.shape[-1]).sum())}
+
+
+def splice_image(text_emb, visual, pos: int):
+    """Text embeddings [T, H] with the visual tokens [N, H] inserted at `pos` -> [1, T + N, H]."""
+    import torch
+
+    visual = visual.to(text_emb.device, text_emb.dtype)
+    return torch.cat([text_emb[:pos], visual, text_emb[pos:]], dim=0).unsqueeze(0)
+
+
 def _check_multimodal(run: _Run, model, placement, tok, proj_ckpt, proj_source, info, dtype, report):
     import torch
 
     from omgtool.infer import analyze
     from omgtool.models.chat import IMAGE_TOKEN_INDEX
-    from omgtool.models.pixel_shuffle import grid_tokens, pixel_shuffle
     from omgtool.models.preprocess import load_image, preprocess, test_image
     from omgtool.models.projector import load_projector, load_text2vision
-    from omgtool.models.vision import STRIDE, build_tower, load_vision_weights, trunk_last_stage
+    from omgtool.models.vision import STRIDE, build_tower, load_vision_weights
 
     opts = run.opts
     device = placement.device
@@ -519,26 +568,19 @@ def _check_multimodal(run: _Run, model, placement, tok, proj_ckpt, proj_source, 
     img = load_image(opts.image) if opts.image is not None else test_image()
     mm["image"] = str(opts.image) if opts.image is not None else f"generated test image {img.size[0]}x{img.size[1]}"
     pixels = preprocess(img, size=size).to(device=device, dtype=dtype)
-    with run.timed("forward_vision"):
-        feat = trunk_last_stage(tower, pixels)
     h, w = size // STRIDE, size // STRIDE
+    gh, gw = h // ratio, w // ratio
+    parts = visual_tokens(tower, projector, pixels, ratio, opts.num_queries, query_in, opts.seed, timed=run.timed)
+    feat, shuffled, grid, visual = parts["feat"], parts["shuffled"], parts["grid"], parts["visual"]
     mm["trunk_last_stage"] = list(feat.shape)
     checks["trunk_shape"] = list(feat.shape) == [1, C, h, w]
-    shuffled = pixel_shuffle(feat, ratio)
-    gh, gw = h // ratio, w // ratio
-    grid = grid_tokens(shuffled)
     mm["pixel_shuffled"] = list(shuffled.shape)
     checks["shuffle_shape"] = list(shuffled.shape) == [1, arch["shuffled_channels"], gh, gw]
     checks["grid_tokens"] = grid.shape[1] == arch["grid_tokens"]
-
-    queries, prior, attn_mask = synthesize_queries(opts.num_queries, query_in, gh, gw, opts.seed)
     run.synthesized.append(f"object queries: {opts.num_queries} synthesized query features++positions "
                            f"({query_in}-d), masks and per-pixel prior (no OMG-Seg panoptic head)")
-    clip_feature = torch.cat([grid, prior.to(grid.device, grid.dtype)], dim=-1)
-    checks["feat_in"] = clip_feature.shape[-1] == arch["feat_in_channels"]
-    valid = int((attn_mask.sum(-1) < attn_mask.shape[-1]).sum())
-    with run.timed("forward_projector"):
-        visual = projector(clip_feature, queries.to(device, dtype), attn_mask.to(device))[0]
+    checks["feat_in"] = parts["clip_feature"].shape[-1] == arch["feat_in_channels"]
+    valid = parts["valid_queries"]
     expected_tokens = arch["grid_tokens"] + 1 + valid
     mm["visual_tokens"] = {"grid": int(grid.shape[1]), "separator": 1, "queries": valid,
                            "total": int(visual.shape[0]), "expected": expected_tokens}
@@ -555,9 +597,7 @@ def _check_multimodal(run: _Run, model, placement, tok, proj_ckpt, proj_source, 
     emb = model.get_input_embeddings()
     text_ids = torch.as_tensor([i for i in ids if i != IMAGE_TOKEN_INDEX], device=emb.weight.device
                                if emb.weight.device.type != "meta" else "cpu")
-    text_emb = emb(text_ids)
-    visual = visual.to(text_emb.device, text_emb.dtype)
-    embeds = torch.cat([text_emb[:pos], visual, text_emb[pos:]], dim=0).unsqueeze(0)
+    embeds = splice_image(emb(text_ids), visual, pos)
     mm["sequence"] = {"text_tokens": len(ids) - 1, "visual_tokens": int(visual.shape[0]),
                       "total": int(embeds.shape[1])}
     checks["sequence_length"] = embeds.shape[1] == len(ids) - 1 + expected_tokens
