@@ -12,7 +12,8 @@ OMG-LLaVA checkpoint). Keys no mapping explains, and keys whose canonical name i
 unique in their file, pair by exact name.
 
 Values (`compare_values`) stream one tensor pair at a time, a block of elements at a
-time, decoded to float64 with numpy (no torch import on the common path): memory is a
+time, decoded with numpy (no torch import on the common path) to float32 when both dtypes
+fit it exactly (bf16, fp16, fp32: as numpy's own allclose computes), else float64: memory is a
 few blocks, never a checkpoint, at most the two tensors for strided views. Tensors of the
 same dtype are first compared byte for byte; only differing ones get the numeric pass.
 Tolerance is numpy `allclose`: |a - b| <= atol + rtol * |b| elementwise; the default
@@ -157,6 +158,14 @@ def _num(x: float | None):
     return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
+def _dot(u, v) -> float:
+    """sum(u * v) accumulated in float64, never through BLAS: OpenBLAS threads its dot
+    kernels and, on a busy machine, spinning threads made `u @ v` 10x slower."""
+    import numpy as np
+
+    return float(np.einsum("i,i->", u, v, dtype=np.float64))
+
+
 class _Accumulator:
     def __init__(self, tol: Tolerance):
         self.tol = tol
@@ -165,19 +174,19 @@ class _Accumulator:
         self.differing = self.mismatched = self.nonfinite = self.numel = 0
 
     def add(self, a, b) -> None:
-        """a, b: float64 numpy arrays of equal length."""
+        """a, b: float32 or float64 numpy arrays of equal length (sums go to Python floats)."""
         import numpy as np
 
         n = a.size
         self.numel += n
-        sa, sb = float(a @ a), float(b @ b)
+        sa, sb = _dot(a, a), _dot(b, b)
         if math.isfinite(sa) and math.isfinite(sb):  # no NaN/Inf in either: the fast path
             d = a - b
             np.abs(d, out=d)
-            self.sum_d2 += float(d @ d)
+            self.sum_d2 += _dot(d, d)
             self.sum_a2 += sa
             self.sum_b2 += sb
-            self.dot += float(a @ b)
+            self.dot += _dot(a, b)
             if n:  # max(nan, x) keeps nan: a NaN from an earlier chunk stays
                 self.max_abs = max(self.max_abs, float(d.max()))
             differing = int(np.count_nonzero(d))
@@ -190,6 +199,7 @@ class _Accumulator:
                 bound += self.tol.atol
                 self.mismatched += int(np.count_nonzero(d > bound))
             return
+        a, b = a.astype(np.float64), b.astype(np.float64)  # NaN/Inf (or float32 overflow): slow path
         nan_a, nan_b = np.isnan(a), np.isnan(b)
         same = (a == b) | (nan_a & nan_b)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -205,10 +215,10 @@ class _Accumulator:
             self.max_abs = math.nan if math.isnan(worst) or math.isnan(self.max_abs) \
                 else max(self.max_abs, worst)
         fa, fb, fd = a[finite], b[finite], d[finite]
-        self.sum_d2 += float(fd @ fd)
-        self.sum_a2 += float(fa @ fa)
-        self.sum_b2 += float(fb @ fb)
-        self.dot += float(fa @ fb)
+        self.sum_d2 += _dot(fd, fd)
+        self.sum_a2 += _dot(fa, fa)
+        self.sum_b2 += _dot(fb, fb)
+        self.dot += _dot(fa, fb)
 
     def result(self) -> ValueDelta:
         if self.sum_a2 > 0:
@@ -231,23 +241,32 @@ _NUMPY = {"F64": ("<f8", 1), "F32": ("<f4", 1), "F16": ("<f2", 1), "I64": ("<i8"
           "U16": ("<u2", 1), "U8": ("u1", 1), "BOOL": ("?", 1), "C64": ("<f4", 2), "C128": ("<f8", 2)}
 
 
-def decode(raw, dtype: str, count: int):
-    """`count` elements of `dtype` from bytes -> float64 numpy array (complex: (re, im) pairs)."""
+# dtypes whose every value a float32 holds exactly: pairs of these are compared in float32
+# (what numpy's allclose itself does for float32 arrays); anything else in float64.
+EXACT_IN_F32 = {"F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I16", "U16", "I8", "U8", "BOOL"}
+
+
+def compute_dtype(dtype_a: str, dtype_b: str) -> str:
+    return "float32" if dtype_a in EXACT_IN_F32 and dtype_b in EXACT_IN_F32 else "float64"
+
+
+def decode(raw, dtype: str, count: int, out: str = "float64"):
+    """`count` elements of `dtype` from bytes -> numpy array of `out` (complex: (re, im) pairs)."""
     import numpy as np
 
     if dtype == "BF16":  # bf16 is the top half of a float32: exact
         u = np.frombuffer(raw, dtype="<u2", count=count).astype("<u4")
         u <<= 16
-        return u.view("<f4").astype(np.float64)
+        return u.view("<f4").astype(out, copy=False)
     if dtype in _NUMPY:
         np_dtype, per = _NUMPY[dtype]
-        return np.frombuffer(raw, dtype=np_dtype, count=count * per).astype(np.float64)
+        return np.frombuffer(raw, dtype=np_dtype, count=count * per).astype(out)
     import torch  # float8 and anything numpy lacks
 
     from omgtool.formats.dtypes import torch_dtype
 
     t = torch.frombuffer(bytearray(raw[:count * ITEMSIZE[dtype]]), dtype=torch_dtype(dtype), count=count)
-    return t.to(torch.float64).numpy()
+    return t.to(torch.float64).numpy().astype(out, copy=False)
 
 
 def is_contiguous(info: TensorInfo) -> bool:
@@ -266,37 +285,87 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 class BlockReader:
     """Reads a contiguous tensor's bytes block by block with plain file reads (no mmap, so
-    nothing stays resident in this process), one open handle per file."""
+    nothing stays resident in this process), one open descriptor per file."""
 
     def __init__(self):
         self._files: dict[Path, Any] = {}
 
     def blocks(self, info: TensorInfo, count: int, block: int = BLOCK_ELEMENTS) -> Iterator[bytes]:
-        """The first `count` elements of `info`, as bytes of up to `block` elements each."""
+        """The first `count` elements of `info`, as bytes of up to `block` elements each.
+
+        Positional reads (os.pread): safe when two threads read the same file."""
+        import os
+
         from omgtool.errors import UnreadableInput
 
         itemsize = ITEMSIZE[info.dtype]
-        fh = self._files.get(info.file)
-        if fh is None:
-            fh = self._files[info.file] = open(info.file, "rb")
+        fd = self._files.get(info.file)
+        if fd is None:
+            fd = self._files[info.file] = os.open(info.file, os.O_RDONLY)
         pos = info.data_offset + info.storage_offset * itemsize
         done = 0
         while done < count:
             n = min(block, count - done)
-            fh.seek(pos + done * itemsize)
-            raw = fh.read(n * itemsize)
+            raw = os.pread(fd, n * itemsize, pos + done * itemsize)
             if len(raw) != n * itemsize:
                 raise UnreadableInput(f"tensor {info.name} extends past the end of the file", info.file)
             yield raw
             done += n
 
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
+        import os
+
+        for fd in self._files.values():
+            os.close(fd)
         self._files.clear()
 
 
-def _strided_chunks(ckpt: Checkpoint, info: TensorInfo, rows: int | None) -> Iterator:
+_END = object()
+
+
+def _prefetched(items: Iterator, depth: int = 3) -> Iterator:
+    """Run `items` (reads and decodes) in a background thread, `depth` items ahead, so disk
+    reads and decoding overlap the comparison. Errors re-raise here; stops if abandoned."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=work, name="omgtool-diff-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _strided_chunks(ckpt: Checkpoint, info: TensorInfo, rows: int | None, out: str) -> Iterator:
     """Fallback for non-contiguous views: torch over the checkpoint's mmap (bounded by the tensor)."""
     import torch
 
@@ -308,23 +377,20 @@ def _strided_chunks(ckpt: Checkpoint, info: TensorInfo, rows: int | None) -> Ite
         piece = flat[start:start + CHUNK_ELEMENTS]
         if piece.is_complex():
             piece = torch.view_as_real(piece.contiguous()).reshape(-1)
-        yield piece.to(torch.float64).numpy()
+        yield piece.to(torch.float64).numpy().astype(out, copy=False)
 
 
 def _float_chunks(ckpt: Checkpoint, info: TensorInfo, count: int, reader: BlockReader,
-                  rows: int | None, on_bytes: Callable[[int], None]) -> Iterator:
+                  rows: int | None, on_bytes: Callable[[int], None], out: str) -> Iterator:
     if not is_contiguous(info):
         itemsize = ITEMSIZE[info.dtype]
-        for arr in _strided_chunks(ckpt, info, rows):
+        for arr in _strided_chunks(ckpt, info, rows, out):
             on_bytes(arr.size * itemsize)
             yield arr
         return
     for raw in reader.blocks(info, count):
         on_bytes(len(raw))
-        n = len(raw) // ITEMSIZE[info.dtype]
-        arr = decode(raw, info.dtype, n)
-        for start in range(0, arr.size, CHUNK_ELEMENTS):
-            yield arr[start:start + CHUNK_ELEMENTS]
+        yield decode(raw, info.dtype, len(raw) // ITEMSIZE[info.dtype], out)
 
 
 def _aligned(chunks_a: Iterator, chunks_b: Iterator) -> Iterator[tuple[Any, Any]]:
@@ -337,7 +403,7 @@ def _aligned(chunks_a: Iterator, chunks_b: Iterator) -> Iterator[tuple[Any, Any]
             buf_b = next(chunks_b, None)
         if buf_a is None or buf_b is None:
             return
-        n = min(buf_a.size, buf_b.size)
+        n = min(buf_a.size, buf_b.size, CHUNK_ELEMENTS)
         yield buf_a[:n], buf_b[:n]
         buf_a, buf_b = buf_a[n:], buf_b[n:]
 
@@ -360,8 +426,11 @@ def compare_values(ckpt_a: Checkpoint, info_a: TensorInfo, ckpt_b: Checkpoint, i
                 delta = ValueDelta(count, 0.0, 0.0 if count else None, None, 0, 0, 0, True)
                 return delta
         acc = _Accumulator(tol)
-        chunks_a = _float_chunks(ckpt_a, info_a, count, reader, rows, on_bytes)
-        chunks_b = _float_chunks(ckpt_b, info_b, count, reader, rows, on_bytes)
+        out = compute_dtype(info_a.dtype, info_b.dtype)
+        chunks_a = _float_chunks(ckpt_a, info_a, count, reader, rows, on_bytes, out)
+        chunks_b = _float_chunks(ckpt_b, info_b, count, reader, rows, on_bytes, out)
+        if count > BLOCK_ELEMENTS:  # big tensors: read and decode ahead in background threads
+            chunks_a, chunks_b = _prefetched(chunks_a), _prefetched(chunks_b)
         for a, b in _aligned(chunks_a, chunks_b):
             acc.add(a, b)
         if acc.numel != count * (2 if info_a.dtype in ("C64", "C128") else 1):
