@@ -123,6 +123,35 @@ class ShardedSafetensorsWriter:
         self._fh.write(memoryview(data))
         self.written += planned.nbytes
 
+    def write_rows(self, name: str, blocks) -> None:
+        """Append the next planned tensor from consecutive row blocks (dim-0 slices, in order),
+        so a large tensor never exists whole in memory. The blocks must add up to the plan."""
+        import torch
+
+        from omgtool.formats.dtypes import from_torch
+
+        try:
+            shard, planned = next(self._order)
+        except StopIteration:
+            raise OmgError(f"writer got {name} after the plan was complete") from None
+        if planned.name != name:
+            raise OmgError(f"writer expected {planned.name} next, got {name}")
+        if shard != self._shard:
+            self._open(shard)
+        rows = 0
+        for block in blocks:
+            if tuple(block.shape[1:]) != planned.shape[1:] or from_torch(block.dtype) != planned.dtype:
+                raise OmgError(f"{name}: got a {list(block.shape)} {from_torch(block.dtype)} block, planned "
+                               f"{list(planned.shape)} {planned.dtype}")
+            rows += block.shape[0]
+            if rows > planned.shape[0]:
+                raise OmgError(f"{name}: blocks exceed the planned {planned.shape[0]} rows")
+            data = block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._fh.write(memoryview(data))
+        if rows != planned.shape[0]:
+            raise OmgError(f"{name}: blocks gave {rows} rows, planned {planned.shape[0]}")
+        self.written += planned.nbytes
+
     def _open(self, shard: int) -> None:
         self._close_file()
         self._shard = shard
