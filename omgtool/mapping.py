@@ -69,6 +69,12 @@ class ComponentSpec(_Strict):
     # weight names are the base's key names); a file name: carried there under the original
     # key names. None: "model" for the component named "llm", else "projector.safetensors".
     merge_into: str | None = None
+    # merge-lora, for a component merged into the model: the prefix its weight names carry in
+    # the base's key names (ColLlavaI's Qwen2 sits under "language_model."; "" = as is).
+    base_prefix: str = ""
+    # merge-lora: the base model may lack this whole component (LLaVA-1.5's mm_projector on a
+    # Vicuna base); its full tensors are then added to the merged model under their names.
+    added_to_base: bool = False
 
     @property
     def merge_target(self) -> str:
@@ -140,6 +146,9 @@ class FamilyMapping(_Strict):
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name="full", when="always")])
     hints: FileHint = Field(default_factory=FileHint)
     tokens: TokensSpec | None = None
+    # merge-lora: the output config.json is the base's, or the checkpoint folder's own
+    # config.json when it has one (a LLaVA LoRA run keeps the LlavaConfig it was built with).
+    merge_config: Literal["base", "checkpoint"] = "base"
 
 
 class RenameRule(_Strict):

@@ -129,7 +129,7 @@ class MergePlan:
 
     def counts(self) -> dict[str, int]:
         c = Counter(i.action for i in self.model_items())
-        out = {k: c.get(k, 0) for k in ("merged", "replaced", "resized", "copied", "converted")}
+        out = {k: c.get(k, 0) for k in ("merged", "replaced", "resized", "added", "copied", "converted")}
         out["lora_merged"] = sum(1 for i in self.model_items() if i.lora is not None)
         for name, items in self.side_files().items():
             out[name] = len(items)
@@ -187,7 +187,7 @@ class MergePlan:
         if self.vocab.get("output") != self.vocab.get("base"):
             lines.append(f"vocab: {self.vocab.get('base')} -> {self.vocab.get('output')} rows "
                          "(config.json vocab_size updated)")
-        for action in ("merged", "resized", "replaced", "converted", "copied"):
+        for action in ("merged", "resized", "replaced", "added", "converted", "copied"):
             items = [i for i in self.model_items() if i.action == action]
             if not items:
                 continue
@@ -341,44 +341,72 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
         raise UnreadableInput("base folder has no config.json", resolved.path)
 
     # Base keys -> the architecture's weight spec (which dims mean what).
+    # (a component's weights carry its base_prefix in the base's key names: out_name)
     specs = []
+    comp_specs: dict[str, list] = {}
     for c in fam.components:
         if c.name in model_comps:
-            specs += [(template_regex(w.name), w) for w in registry.architecture(c.architecture).weights]
+            comp_specs[c.name] = [(template_regex(c.base_prefix + w.name), w)
+                                  for w in registry.architecture(c.architecture).weights]
+            specs += comp_specs[c.name]
 
     def spec_of(name: str):
         return next((w for rx, w in specs if rx.match(name)), None)
 
+    comp_prefix = {c.name: c.base_prefix for c in fam.components}
+
+    def out_name(m) -> str:
+        return comp_prefix[m.component] + m.weight
+
     model_matches = [m for m in analysis.matches.values() if m.component in model_comps]
 
-    # Layer count: the checkpoint's layers must be the base's.
-    arch_key = next((registry.architecture(c.architecture).layer_count_key for c in fam.components
-                     if c.name in model_comps), None)
-    layered = [m for m in model_matches if m.layer is not None]
-    if layered and arch_key and arch_key in config:
-        top = max(layered, key=lambda m: m.layer)
-        base_layers = int(config[arch_key])
-        if top.layer + 1 != base_layers:
-            raise MismatchError(f"layer count: the checkpoint has layers 0..{top.layer} ({top.key}) but the base "
-                                f"has {base_layers} (config.json {arch_key}): the base does not match the "
-                                "checkpoint")
+    # LoRA factors on modules no mapping explains cannot be merged: refuse rather than carry them.
+    from omgtool.mapping import split_peft
 
-    # Full tensors of the model component(s): they replace the base's.
+    stray = [k for k in analysis.unexplained if split_peft(k)[1] in ("lora_A", "lora_B")]
+    if stray:
+        raise MismatchError(f"{checkpoint}: LoRA factors on modules no mapping of family {fam.name} explains: "
+                            f"{stray[0]}" + (f" and {len(stray) - 1} more" if len(stray) > 1 else "")
+                            + " (see docs/families.md, Adding a checkpoint family)")
+
+    # Layer count: each component's layers must be the base's (where config.json names its count).
+    for c in fam.components:
+        arch_key = registry.architecture(c.architecture).layer_count_key
+        layered = [m for m in model_matches if m.component == c.name and m.layer is not None]
+        if layered and arch_key and arch_key in config:
+            top = max(layered, key=lambda m: m.layer)
+            base_layers = int(config[arch_key])
+            if top.layer + 1 != base_layers:
+                raise MismatchError(f"layer count: the checkpoint has layers 0..{top.layer} ({top.key}) but the "
+                                    f"base has {base_layers} (config.json {arch_key}): the base does not match "
+                                    "the checkpoint")
+
+    # Full tensors of the model component(s): they replace the base's, or, for a component the
+    # base lacks entirely and the mapping marks added_to_base, are added to the model.
+    in_base = {name: any(rx.match(k) for k in base_ckpt.tensors for rx, _ in comp_specs[name])
+               for name in model_comps}
+    addable = {c.name for c in fam.components if c.added_to_base and not in_base.get(c.name, True)}
     full: dict[str, str] = {}
+    added: list[str] = []
     for m in model_matches:
         if m.role != "weight":
             continue
-        if m.weight in full:
-            raise MismatchError(f"{checkpoint}: {full[m.weight]} and {m.key} both give {m.weight}")
-        if m.weight not in base_ckpt.tensors:
-            raise MismatchError(f"{m.key}: the base {resolved.path} has no {m.weight} for it to replace")
-        full[m.weight] = m.key
+        name = out_name(m)
+        if name in full:
+            raise MismatchError(f"{checkpoint}: {full[name]} and {m.key} both give {name}")
+        if name not in base_ckpt.tensors:
+            if m.component not in addable:
+                raise MismatchError(f"{m.key}: the base {resolved.path} has no {name} for it to replace")
+            added.append(name)
+        full[name] = m.key
 
     def dim_name(spec, i: int) -> str:
         return spec.dims[i] if spec is not None and i < len(spec.dims) and spec.dims[i] != "_" else f"dim {i}"
 
     resized_shapes: dict[str, tuple[int, ...]] = {}
     for weight, key in full.items():
+        if weight in added:
+            continue
         got, want = ckpt.tensors[key].shape, base_ckpt.tensors[weight].shape
         spec = spec_of(weight)
         if len(got) != len(want):
@@ -408,22 +436,23 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
             raise MismatchError(f"LoRA rank mismatch: {p.a_key} has rank {a.shape[0]} ({list(a.shape)}) but "
                                 f"{p.b_key} has {b.shape[1]} ({list(b.shape)})")
         rank = int(a.shape[0])
-        if p.weight in full:
-            target = ckpt.tensors[full[p.weight]].shape
-        elif p.weight in base_ckpt.tensors:
-            target = base_ckpt.tensors[p.weight].shape
+        name = comp_prefix[p.component] + p.weight  # the base's key
+        if name in full:
+            target = ckpt.tensors[full[name]].shape
+        elif name in base_ckpt.tensors:
+            target = base_ckpt.tensors[name].shape
         else:
-            raise MismatchError(f"LoRA target {p.weight} ({p.a_key}) has no weight in the base {resolved.path}")
+            raise MismatchError(f"LoRA target {name} ({p.a_key}) has no weight in the base {resolved.path}")
         delta = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
         if tuple(target) != delta:
-            spec = spec_of(p.weight)
+            spec = spec_of(name)
             where = p.a_key if (delta[1] != target[1]) else p.b_key
             dim = 1 if delta[1] != target[1] else 0
-            raise MismatchError(f"{where}: the LoRA update is {list(delta)} but {p.weight} is {list(target)} "
+            raise MismatchError(f"{where}: the LoRA update is {list(delta)} but {name} is {list(target)} "
                                 f"({dim_name(spec, dim)} {delta[dim]} vs {target[dim]}): the base does not "
                                 "match the checkpoint")
-        a_here = _alpha_for(p.weight.removesuffix(".weight"), alpha_value, adapter_cfg, alpha is not None)
-        loras[p.weight] = LoraSource(p.a_key, p.b_key, rank, a_here, lora_scaling(a_here, rank, ckpt), transposed)
+        a_here = _alpha_for(name.removesuffix(".weight"), alpha_value, adapter_cfg, alpha is not None)
+        loras[name] = LoraSource(p.a_key, p.b_key, rank, a_here, lora_scaling(a_here, rank, ckpt), transposed)
 
     # The model tensors, in the base's order.
     items: list[MergeItem] = []
@@ -440,6 +469,15 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
         else:
             action = "copied" if dt == info.dtype else "converted"
             items.append(MergeItem(name, action, tuple(info.shape), dt, MODEL, "base", name))
+    for name in added:  # components the base lacks (added_to_base), after the base's tensors
+        key = full[name]
+        info = ckpt.tensors[key]
+        items.append(MergeItem(name, "added", tuple(info.shape), out_dtype or info.dtype, MODEL, "checkpoint", key,
+                               loras.get(name)))
+    if added:
+        comps = sorted({analysis.matches[full[n]].component for n in added})
+        notes.append(f"the base has no {', '.join(comps)}: {len(added)} tensors of the checkpoint are added to the "
+                     "merged model under their names")
 
     # Vocab-sized tensors must agree after the resize.
     vocab_rows = {i.name: i.shape[0] for i in items if (s := spec_of(i.name)) is not None and s.dims
@@ -482,9 +520,19 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
     # config.json: vocab_size from the rows, dtype when --dtype changes it; all else kept.
     main_dtype = _main_dtype(items) or (out_dtype or "F32")
     out_config = dict(config)
-    if out_vocab is not None and config.get("vocab_size") != out_vocab:
+    if fam.merge_config == "checkpoint":
+        own = ckpt.metadata.get("config")
+        if isinstance(own, dict):
+            out_config = dict(own)
+            notes.append(f"config.json is the checkpoint folder's own (family {fam.name}: merge_config = checkpoint)")
+        else:
+            notes.append(f"config.json is the base's: the checkpoint has no config.json beside it (family "
+                         f"{fam.name} would use the checkpoint's)")
+    if out_vocab is not None and "vocab_size" in out_config and out_config["vocab_size"] != out_vocab:
+        notes.append(f"config.json vocab_size {out_config['vocab_size']} -> {out_vocab} (the embedding rows)")
         out_config["vocab_size"] = out_vocab
-        notes.append(f"config.json vocab_size {config.get('vocab_size')} -> {out_vocab} (the embedding rows)")
+    elif out_vocab is not None and "vocab_size" not in out_config and out_vocab != base_vocab:
+        notes.append(f"config.json has no top-level vocab_size to update: the embedding rows are {out_vocab}")
     if out_dtype:
         hf = HF_CONFIG_NAMES.get(out_dtype)
         for key in ("torch_dtype", "dtype"):
@@ -810,6 +858,9 @@ def _readme(plan: MergePlan, report: dict[str, Any]) -> str:
     lines.append(f"- {c['merged']} weights merged (W + alpha/r B@A), {c['resized']} resized and {c['replaced']} "
                  f"replaced by the checkpoint's trained tensors, {c['copied']} copied unchanged"
                  + (f", {c['converted']} converted to {report['dtype']}" if c["converted"] else "") + ".")
+    if c.get("added"):
+        lines.append(f"- {c['added']} tensors the base lacks (e.g. a multimodal projector) added from the checkpoint "
+                     "under their names.")
     if lora:
         lines.append(f"- LoRA: rank {lora['rank']}, alpha {plan.alpha:g} ({plan.alpha_source}), scale "
                      f"{lora['scale']:g}; computed in float32 and rounded once to {report['dtype']}.")
