@@ -216,6 +216,20 @@ def test_nan_and_inf(tmp_path):
     assert entry["nonfinite"] == 3
 
 
+def test_complex_values_and_complex_against_real(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    c = torch.randn(5, 3, dtype=torch.complex64, generator=g)
+    c2 = c.clone()
+    c2[1, 2] += 0.5j
+    torch.save({"c": c, "k": c}, tmp_path / "a.pth")
+    torch.save({"c": c2, "k": torch.randn(5, 3, generator=g)}, tmp_path / "b.pth")
+    r = diff(tmp_path / "a.pth", tmp_path / "b.pth", code=1)
+    (entry,) = r["value_changed"]
+    assert_delta(entry, torch.view_as_real(c), torch.view_as_real(c2))  # (re, im) pairs
+    assert r["dtype_changed"] == [{"a": "k", "b": "k", "dtype_a": "C64", "dtype_b": "F32"}]
+    assert any("complex against real" in n for n in r["notes"])
+
+
 # --- rows added / removed ---------------------------------------------------------------------
 
 def test_base_folder_vs_pretrain_rows_added():

@@ -71,8 +71,10 @@ def read_manifest(path: Path) -> ManifestCheckpoint:
 
 def manifest_from_object(obj: Any, path: Path) -> ManifestCheckpoint:
     if not looks_like_manifest(obj):
+        hint = " (a sharded checkpoint's index: pass its folder)" if isinstance(obj, dict) and \
+            "weight_map" in obj else ""
         raise UnreadableInput("JSON file is not an omgtool manifest (needs 'format_version' and "
-                              "'tensors')", path)
+                              f"'tensors'){hint}", path)
     version = obj["format_version"]
     if isinstance(version, bool) or not isinstance(version, int):
         raise UnreadableInput(f"manifest format_version must be an integer, got {version!r}", path)
