@@ -71,6 +71,8 @@ def cli(
     try:
         if out is None and not dry_run:
             raise InvalidArgument("--out is required (or use --dry-run)")
+        if out is not None and not dry_run and out.exists() and not force:
+            raise InvalidArgument(f"{out} already exists (use --force to replace it)")
         plan = plan_merge(checkpoint, base, alpha=alpha, dtype=dtype, family=family,
                           max_shard_size=max_shard_size, device=device)
         if dry_run:
