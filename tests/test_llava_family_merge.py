@@ -123,13 +123,25 @@ def test_llava_merge_matches_peft_and_llava_loader(llava_merged):
 
 
 def test_llava_merge_close_to_peft_in_half_precision(llava_merged):
-    """LLaVA's own loader runs fp16 (PEFT rounds the bf16 delta, then the sum): within rounding."""
+    """PEFT of LLaVA's time kept the adapter in the model's dtype (fp16 here: autocast off), so its
+    merge rounds the delta to fp16, then the sum. omgtool (one rounding from float32) stays within
+    that double rounding: |omg - peft| <= eps_fp16 * (|W| + |delta W|) elementwise. With today's
+    default (adapter upcast to float32) PEFT's CPU merge equals omgtool's bit for bit."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
     _, got, _ = llava_merged
-    want = llava_oracle(torch.float16)
-    for name in got:
-        if name.startswith("model.mm_projector."):
-            continue
-        assert float(ulps(got[name], want[name]).max()) <= 4.0, name
+    base, exact = read_folder(VICUNA), llava_oracle(torch.float32)
+    model = LlamaForCausalLM.from_pretrained(VICUNA, dtype=torch.float16)
+    old = PeftModel.from_pretrained(model, RUN, autocast_adapter_dtype=False).merge_and_unload().state_dict()
+    eps, tiny = torch.finfo(torch.float16).eps, torch.finfo(torch.float16).tiny
+    for name, w in base.items():
+        bound = eps * (w.float().abs() + (exact[name] - w.float()).abs()) + tiny
+        assert bool(((got[name].float() - old[name].float()).abs() <= bound).all()), name
+    model = LlamaForCausalLM.from_pretrained(VICUNA, dtype=torch.float16)
+    new = PeftModel.from_pretrained(model, RUN).merge_and_unload().state_dict()
+    for name in base:
+        assert torch.equal(got[name], new[name]), name
 
 
 def test_llava_merge_folder_is_complete(llava_merged):
@@ -219,10 +231,13 @@ def test_generic_merge_matches_peft(generic_merged):
 
 
 def test_generic_merge_close_to_peft_in_bf16(generic_merged):
+    """PEFT on the bf16 model (fp32 adapter, as saved): within bf16 rounding of |W| + |delta W|."""
     _, got, _ = generic_merged
-    want = colllavai_oracle(torch.bfloat16)
-    for name in got:
-        assert float(ulps(got[name], want[name]).max()) <= 4.0, name
+    base, exact, want = read_folder(GEN_BASE), colllavai_oracle(torch.float32), colllavai_oracle(torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, w in base.items():
+        bound = eps * (w.float().abs() + (exact[name] - w.float()).abs()) + torch.finfo(torch.bfloat16).tiny
+        assert bool(((got[name].float() - want[name].float()).abs() <= bound).all()), name
 
 
 def test_generic_merge_folder(generic_merged):
@@ -309,3 +324,35 @@ def test_llava_stage1_projector_onto_base(tmp_path):
     for name, t in projector.items():
         assert torch.equal(got[name], t), name
     assert json.loads((out / "config.json").read_text()) == json.loads((pre / "config.json").read_text())
+
+
+def test_generic_merge_alpha_pattern_follows_peft(tmp_path):
+    from peft import PeftModel
+
+    from tests.test_llava_family import colllavai
+
+    run = tmp_path / "ap"
+    shutil.copytree(GEN_LORA, run)
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"custom_text_proj": 4, "linear_1": 64}
+    (run / "adapter_config.json").write_text(json.dumps(cfg))
+    out, _ = merge(tmp_path, run, GEN_BASE)
+    got = read_folder(out)
+    want = PeftModel.from_pretrained(colllavai(torch.float32), run).merge_and_unload().state_dict()
+    for name in ("custom_text_proj.weight", "multi_modal_projector.linear_1.weight",
+                 "multi_modal_projector.linear_2.weight", "language_model.model.layers.1.self_attn.q_proj.weight"):
+        assert float(ulps(got[name], want[name].to(torch.bfloat16)).max()) <= 1.0, name
+    default = read_folder(merge(tmp_path, GEN_LORA, GEN_BASE, name="default")[0])
+    assert not torch.equal(got["custom_text_proj.weight"], default["custom_text_proj.weight"])
+
+
+def test_llava_base_found_from_adapter_config(tmp_path):
+    """No --base: adapter_config.json names lmsys/vicuna-7b-v1.5; a folder of that name beside the run is used."""
+    shutil.copytree(RUN, tmp_path / "llava-v1.5-tiny-lora")
+    shutil.copytree(VICUNA, tmp_path / "vicuna-7b-v1.5")
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge-lora", str(tmp_path / "llava-v1.5-tiny-lora"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "omgtool-merge.json").read_text())
+    assert Path(record["base"]["path"]).name == "vicuna-7b-v1.5"
+    assert record["base"]["requested"] == "lmsys/vicuna-7b-v1.5"
