@@ -69,7 +69,8 @@ def build_tower(channels: int = REFERENCE_CHANNELS, device="cpu", dtype=torch.fl
     """The visual tower (random init). channels = the last stage's width the projector expects."""
     cfg = _open_clip_cfg()
     vcfg = cfg["vision_cfg"]
-    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
         torch.manual_seed(0)  # random init is the same from run to run; the caller's RNG is untouched
         return _build(cfg, vcfg, channels, device, dtype)
 
