@@ -363,7 +363,7 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
     # LoRA factors on modules no mapping explains cannot be merged: refuse rather than carry them.
     from omgtool.mapping import split_peft
 
-    stray = [k for k in analysis.unexplained if split_peft(k)[1] in ("lora_A", "lora_B")]
+    stray = [k for k in analysis.unexplained if split_peft(k)[1] in ("lora_A", "lora_B") or ".lora_" in k]
     if stray:
         raise MismatchError(f"{checkpoint}: LoRA factors on modules no mapping of family {fam.name} explains: "
                             f"{stray[0]}" + (f" and {len(stray) - 1} more" if len(stray) > 1 else "")

@@ -310,6 +310,12 @@ def test_unexplained_lora_factors_are_refused(tmp_path):
     out, result = merge(tmp_path, run, GEN_BASE, code=2)
     assert "score_head.lora_A.weight" in result.stderr and "no mapping" in result.stderr
     assert not out.exists()
+    # lora_bias=True adds lora_B.bias, which no mapping names: refused, not silently dropped
+    sd = load_file(str(GEN_LORA / "adapter_model.safetensors"))
+    sd["base_model.model.custom_text_proj.lora_B.bias"] = torch.zeros(fx.ADAPTER.embedding_dim)
+    save_file(sd, str(run / "adapter_model.safetensors"))
+    out, result = merge(tmp_path, run, GEN_BASE, name="bias", code=2)
+    assert "custom_text_proj.lora_B.bias" in result.stderr and not out.exists()
 
 
 def test_llava_stage1_projector_onto_base(tmp_path):
