@@ -146,3 +146,40 @@ def build_merged(out: Path, *, alpha: float = 256.0, ckpt_path: Path = TINY_FINE
     if record_base:
         (out / "omgtool-merge.json").write_text(json.dumps({"base": {"path": str(base)}, "alpha": alpha}))
     return out
+
+
+# --- shared by tests/test_verify*.py (pytest picks up fixtures imported into a test module) -----------
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+runner = CliRunner()
+FT = str(TINY_FINETUNE)
+
+
+def verify(*args, json_out: bool = True):
+    """Run `omgtool verify ARGS [--json]` in process: (result, parsed report or None)."""
+    from omgtool.cli import app
+
+    argv = ["verify", *map(str, args)] + (["--json"] if json_out else [])
+    result = runner.invoke(app, argv)
+    report = json.loads(result.stdout) if json_out and result.stdout.strip() else None
+    return result, report
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    return {
+        "merged": build_merged(root / "merged"),
+        "wrong_alpha": build_merged(root / "wrong_alpha", alpha=128.0),
+        "contiguous": build_merged(root / "contiguous", layout="llama", grouping="contiguous"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def good_run(folders):
+    result, report = verify(folders["merged"], "--adapter", FT)
+    assert result.exit_code == 0, result.output
+    return report
