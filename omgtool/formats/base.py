@@ -122,6 +122,23 @@ class Checkpoint:
             self._maps[file] = buf
         return buf
 
+    def release(self, name: str) -> None:
+        """Drop the mapped pages behind `name` from this process's memory (streaming writers
+        call it once a tensor is written, so RSS holds one tensor, not the whole file).
+
+        Pages stay in the OS page cache; a later read faults them back in from the file, so
+        views stay correct as long as nobody wrote into them (reads here never do).
+        """
+        info = self.tensors[name]
+        buf = self._maps.get(info.file)
+        if buf is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = info.data_offset // page * page
+        end = min(len(buf), info.data_offset + info.storage_numel * ITEMSIZE[info.dtype])
+        if end > start:
+            buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         self._maps.clear()  # tensors still viewing a map keep it alive
 
