@@ -74,6 +74,16 @@ def _write_streams(folder: Path, streams: list[_Stream], max_shard: int, metadat
     return written
 
 
+def _releasing(ckpt, items: Iterable, sources: Callable[[str], Iterable[str]]):
+    """Pass (name, tensor) through; once the writer has taken one, drop its source pages
+    (Checkpoint.release), so memory holds the tensor being written, not every page read."""
+    for name, tensor in items:
+        yield name, tensor
+        del tensor
+        for source in sources(name):
+            ckpt.release(source)
+
+
 def _planned(name: str, shape, dtype: str):
     from omgtool.formats.writer import PlannedTensor
 
@@ -163,6 +173,7 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
                      f"{UNCONVERTED_FILE} (outside the model index): {', '.join(uncovered[:5])}"
                      + (" ..." if len(uncovered) > 5 else ""))
     model_plan = [_planned(p.target, p.shape, p.dtype) for p in pieces]
+    source_of = {p.target: p.source for p in pieces}
     extra_plan = [_planned(n, ckpt.tensors[n].shape, ckpt.tensors[n].dtype) for n in uncovered]
     out_names = {"model.safetensors", "model.safetensors.index.json", UNCONVERTED_FILE, PROVENANCE} | \
         REWRITTEN | set(TOKENIZER_FILES)
@@ -197,9 +208,10 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
     metadata = {"format": "pt", "omgtool": f"export llama {__version__}", "source": src.name}
     with atomic_output_dir(out, force=force) as tmp:
         files = _write_streams(tmp, [
-            _Stream("model", model_plan, iter_converted(ckpt, pieces, params)),
+            _Stream("model", model_plan, _releasing(ckpt, iter_converted(ckpt, pieces, params),
+                                                    lambda target: [source_of[target]])),
             _Stream(UNCONVERTED_FILE.removesuffix(".safetensors"), extra_plan,
-                    ((n, ckpt.read(n)) for n in uncovered), index=False),
+                    _releasing(ckpt, ((n, ckpt.read(n)) for n in uncovered), lambda n: [n]), index=False),
         ], max_shard, metadata, progress)
         ckpt.close()
         _write_json(tmp / "config.json", llama_config)
@@ -295,7 +307,8 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
     pairs_by_weight = {p.weight: p for p in llm}
     full = [m for m in analysis.matches.values() if m.component == "llm" and m.role == "weight"]
     saved_weights = {m.weight: m.key for m in full}
-    plan, jobs = [], []  # jobs: (planned names, callable returning tensors)
+    plan, jobs = [], []  # jobs: (conversion, source key, LoRA pair folded into it, dtype)
+    sources_of: dict[str, list[str]] = {}  # output name -> source keys it was computed from
     saved_modules, resize_rows = [], None
 
     # modules_to_save: trained full weights (a LoRA on one is folded in).
@@ -318,6 +331,8 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
             saved_modules.append(target.removesuffix(".weight"))
             plan.append(_planned(f"base_model.model.{target}", shape, dt))
         pair = pairs_by_weight.pop(weight, None)
+        for target in conv.targets:
+            sources_of[f"base_model.model.{target}"] = [key] + ([pair.a_key, pair.b_key] if pair else [])
         jobs.append((conv, key, pair, dt))
 
     # LoRA targets: A shared by every piece of a split, B's rows transformed like the weight.
@@ -338,6 +353,8 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
                                  out_dtype or a_info.dtype))
             plan.append(_planned(f"base_model.model.{module}.lora_B.weight", b_shape,
                                  out_dtype or b_info.dtype))
+            sources_of[f"base_model.model.{module}.lora_A.weight"] = [pair.a_key]
+            sources_of[f"base_model.model.{module}.lora_B.weight"] = [pair.b_key]
         lora_jobs.append((conv, pair))
     if not ranks:
         raise InvalidArgument(f"{ckpt_path}: every LoRA sits on a module saved in full; no adapter targets left")
@@ -392,11 +409,11 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
                 "lora_alpha": f"{alpha_value:g}", "lora_alpha_source": alpha_source}
     with atomic_output_dir(out, force=force) as tmp:
         files = _write_streams(tmp, [
-            _Stream("adapter_model", plan, tensors(), index=False),
+            _Stream("adapter_model", plan, _releasing(ckpt, tensors(), lambda name: sources_of[name]), index=False),
             _Stream(PROJECTOR_FILE.removesuffix(".safetensors"), carry_plan,
-                    ((k, ckpt.read(k)) for k in other), index=False),
+                    _releasing(ckpt, ((k, ckpt.read(k)) for k in other), lambda k: [k]), index=False),
             _Stream(EXTRAS_FILE.removesuffix(".safetensors"), extras_plan,
-                    ((k, ckpt.read(k)) for k in extras), index=False),
+                    _releasing(ckpt, ((k, ckpt.read(k)) for k in extras), lambda k: [k]), index=False),
         ], 1 << 62, metadata, progress)
         ckpt.close()
         base.close()
@@ -460,8 +477,13 @@ def export_safetensors(path: str | Path, out: str | Path, *, force: bool = False
     `out` ending in .safetensors is one file; anything else a folder (model.safetensors, or
     shards + index past --max-shard-size). Metadata records the source file name and sha256.
     Unsafe pickles are refused by the reader (UnsafeInput, exit 3) before anything is written.
+
+    The sha256 is computed in a second thread while the tensors stream (hashlib releases the
+    GIL); headers are written with fixed-width placeholders and patched in place afterwards.
     """
-    from omgtool.commands.inspect import sha256_files
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from omgtool.formats import open_checkpoint
     from omgtool.formats.writer import atomic_output_dir, parse_size
 
@@ -470,38 +492,112 @@ def export_safetensors(path: str | Path, out: str | Path, *, force: bool = False
     plan = [_planned(n, t.shape, t.dtype) for n, t in ckpt.tensors.items()]
     if not plan:
         raise InvalidArgument(f"{path}: the checkpoint holds no tensors")
+    single = out.suffix == ".safetensors"
+    if single and out.is_dir():
+        raise InvalidArgument(f"{out} is a folder; give a .safetensors file name or a folder without the suffix")
+    if out.exists() and not force:
+        raise InvalidArgument(f"{out} already exists (use --force to replace it)")
     total = sum(t.nbytes for t in plan)
+    _free_space(out, total)
     files = [Path(f) for f in ckpt.files] or [path]
+    names = [str(f.relative_to(path)) if path.is_dir() and f.is_relative_to(path) else f.name for f in files]
+    pending = [f"sha256-pending-{i:049d}" for i in range(len(files))]
     metadata = {"format": "pt", "omgtool": f"export safetensors {__version__}"}
     if len(files) == 1:
-        metadata["source"] = files[0].name
-        metadata["source_sha256"] = sha256_files(files)
+        metadata["source"] = names[0]
+        metadata["source_sha256"] = pending[0]
     else:
         metadata["source"] = path.name
-        metadata["source_files"] = json.dumps({str(f.relative_to(path)) if f.is_relative_to(path) else f.name:
-                                               sha256_files([f]) for f in files})
-    single = out.suffix == ".safetensors"
-    _free_space(out, total)
-    tensors = ((n, ckpt.read(n)) for n in ckpt.tensors)
+        metadata["source_files"] = json.dumps(dict(zip(names, pending)))
     report: dict[str, Any] = {"kind": "safetensors", "source": str(path), "out": str(out), "num_tensors": len(plan),
-                              "bytes": total, "metadata": metadata, "container": ckpt.container}
-    if single:
-        if out.exists() and not force:
-            raise InvalidArgument(f"{out} already exists (use --force to replace it)")
-        if out.is_dir():
-            raise InvalidArgument(f"{out} is a folder; give a .safetensors file name or a folder without the suffix")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+                              "bytes": total, "container": ckpt.container, "notes": []}
+    if ckpt.safety.verdict != "not-a-pickle":  # a torch pickle: its non-tensor entries are not tensors
+        skipped = [k for k in ckpt.metadata if not (path.is_dir() and k in ("config", "adapter_config"))]
+        if skipped:
+            report["notes"].append(f"non-tensor entries not written: {', '.join(skipped[:20])}"
+                                   + (" ..." if len(skipped) > 20 else ""))
+    tensors = _releasing(ckpt, ((n, ckpt.read(n)) for n in ckpt.tensors), lambda n: [n])
+    stop = threading.Event()
+
+    def finish(folder: Path, written: list[str]) -> None:
+        digests = hashing.result()
+        final = {k: v for k, v in metadata.items()}
+        for placeholder, digest in zip(pending, digests):
+            final = {k: v.replace(placeholder, digest) for k, v in final.items()}
+        for name in written:
+            if name.endswith(".safetensors"):
+                _patch_metadata(folder / name, metadata, final)
+        report["metadata"] = final
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = pool.submit(lambda: [_sha256_file(f, stop) for f in files])
         try:
-            written = _write_streams(tmp, [_Stream(out.name.removesuffix(".safetensors"), plan, tensors,
-                                                   index=False)], 1 << 62, metadata, progress)
-            os.replace(tmp / written[0], out)
+            if single:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+                try:
+                    written = _write_streams(tmp, [_Stream(out.name.removesuffix(".safetensors"), plan, tensors,
+                                                           index=False)], 1 << 62, metadata, progress)
+                    finish(tmp, written)
+                    os.replace(tmp / written[0], out)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                report["files"] = [out.name]
+            else:
+                with atomic_output_dir(out, force=force) as tmp:
+                    report["files"] = _write_streams(tmp, [_Stream("model", plan, tensors)],
+                                                     parse_size(max_shard_size), metadata, progress)
+                    finish(tmp, report["files"])
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        report["files"] = [out.name]
-    else:
-        with atomic_output_dir(out, force=force) as tmp:
-            report["files"] = _write_streams(tmp, [_Stream("model", plan, tensors)], parse_size(max_shard_size),
-                                             metadata, progress)
+            stop.set()
     ckpt.close()
     return report
+
+
+def _sha256_file(path: Path, stop=None, chunk: int = 64 << 20) -> str:
+    """sha256 of a file through a read-only map, chunk by chunk, dropping each chunk's pages
+    once hashed (memory stays at one chunk); no copies through Python bytes objects."""
+    import hashlib
+    import mmap
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                for off in range(0, size, chunk):
+                    if stop is not None and stop.is_set():
+                        raise InterruptedError("hashing stopped")
+                    h.update(view[off:off + chunk])
+                    if hasattr(m, "madvise"):
+                        m.madvise(mmap.MADV_DONTNEED, off, min(chunk, size - off))
+            finally:
+                view.release()
+    return h.hexdigest()
+
+
+def _patch_metadata(file: Path, planned: dict[str, str], final: dict[str, str]) -> None:
+    """Replace the placeholder metadata in a written header with the final values (same
+    byte length), then re-read the header to confirm."""
+    import struct
+
+    from omgtool.formats.safetensors_file import read_header
+
+    old = json.dumps(planned, separators=(",", ":")).encode()
+    new = json.dumps(final, separators=(",", ":")).encode()
+    if len(old) != len(new):
+        raise CheckFailed(f"{file.name}: metadata placeholder and value differ in length")
+    with open(file, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(n)
+        at = raw.find(old)
+        if at < 0 or raw.find(old, at + 1) >= 0:
+            raise CheckFailed(f"{file.name}: metadata placeholder not found once in the header")
+        fh.seek(8 + at)
+        fh.write(new)
+    _, meta, _ = read_header(file)
+    if meta != final:
+        raise CheckFailed(f"{file.name}: metadata reads back as {meta}, not {final}")

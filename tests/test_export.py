@@ -515,3 +515,14 @@ def test_output_folder_has_ordinary_permissions(work):
     os.umask(mask)
     for name in ("base-llama", "adapter"):
         assert stat.S_IMODE((work["tmp"] / name).stat().st_mode) == 0o777 & ~mask
+
+
+def test_safetensors_export_of_a_wrapped_state_dict_notes_non_tensor_entries(tmp_path):
+    sd = collections.OrderedDict(a=torch.arange(4, dtype=torch.float32), b=torch.ones(2, 2, dtype=torch.float16))
+    src = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": sd, "epoch": 3, "cfg": {"lr": 0.1}}, src)
+    result = _ok("export", src, "--to", "safetensors", "--out", tmp_path / "w.safetensors", "--json")
+    report = json.loads(result.stdout)
+    assert report["container"] == "state_dict"
+    assert report["notes"] == ["non-tensor entries not written: epoch, cfg"]
+    _assert_identical(tmp_path / "w.safetensors", sd)
