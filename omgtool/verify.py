@@ -97,9 +97,11 @@ def resolve_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise InvalidArgument(f"--device {device}: CUDA is not available on this machine")
         try:
-            torch.device(device)
+            index = torch.device(device).index
         except RuntimeError as exc:
             raise InvalidArgument(f"--device {device}: {exc}") from None
+        if index is not None and index >= torch.cuda.device_count():
+            raise InvalidArgument(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
         return device
     if device == "cpu":
         return device
@@ -274,6 +276,8 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
         raise InvalidArgument(f"--device-map {opts.device_map!r}: only 'auto' is supported")
     if opts.num_queries < 1:
         raise InvalidArgument("--queries must be at least 1")
+    if not opts.tolerance_factor > 0:
+        raise InvalidArgument("--tolerance must be positive")
     device = resolve_device(opts.device)
     run = _Run(opts)
     from omgtool.models.llm import Placement
@@ -360,6 +364,8 @@ def _verify(run: _Run, placement) -> dict[str, Any]:
         "folder": str(folder), "layout": layout, "device": _device_name(device),
         "placement": placement.describe(),
         "precision": {"compute": precision, "why": why, "stored": stored},
+        "dtypes": {"compute": str(dtype).removeprefix("torch."), "merged_llm": _dtype_counts(merged),
+                   "adapter": _dtype_counts(adapter_ckpt) if adapter_ckpt is not None else None},
         "checks": {},
     }
 
@@ -388,6 +394,8 @@ def _verify(run: _Run, placement) -> dict[str, Any]:
 
     # (c) + (d) multimodal and [SEG]
     proj_ckpt, proj_source = find_projector(opts, adapter_ckpt)
+    if proj_ckpt is not None:
+        report["dtypes"]["projector"] = _dtype_counts(proj_ckpt)
     if proj_ckpt is None:
         report["checks"]["multimodal"] = {"status": "skipped", "reason": proj_source}
         report["checks"]["seg"] = {"status": "skipped", "reason": proj_source}
@@ -548,6 +556,10 @@ def _check_multimodal(run: _Run, model, placement, tok, proj_ckpt, proj_source, 
         return {"status": "skipped", "reason": reason}, {"status": "skipped", "reason": reason}
     C, ratio, size = arch["clip_channels"], arch["pixel_shuffle_ratio"], arch["image_size"]
     hidden, query_in = arch["hidden_size"], arch["query_in_channels"]
+    if None in (C, ratio, size, hidden, query_in) or size % (STRIDE * ratio):
+        reason = (f"the projector's shapes in {proj_source} do not give the CLIP channels / query width "
+                  f"({ {k: arch.get(k) for k in ('clip_channels', 'query_in_channels', 'hidden_size')} })")
+        return {"status": "fail", "reason": reason, "inferred": arch}, {"status": "skipped", "reason": reason}
     checks: dict[str, bool] = {}
     mm: dict[str, Any] = {"projector_source": proj_source, "inferred": {
         k: arch[k] for k in ("clip_channels", "pixel_shuffle_ratio", "shuffled_channels", "query_in_channels",

@@ -80,7 +80,8 @@ def test_bad_inputs(folders, tmp_path):
     bare = build_merged(tmp_path / "bare", record_base=False)
     result, _ = verify(bare, "--adapter", FT)
     assert result.exit_code == 2 and "pass --base" in result.stderr
-    for args in (("--max-memory", "lots"), ("--precision", "fp8"), ("--device", "tpu"), ("--device-map", "balanced")):
+    for args in (("--max-memory", "lots"), ("--precision", "fp8"), ("--device", "tpu"), ("--device-map", "balanced"),
+                 ("--tolerance", "0"), ("--queries", "0")):
         result, _ = verify(folders["merged"], *args)
         assert result.exit_code == 2, args
         assert len(result.stderr.strip().splitlines()) == 1
@@ -103,3 +104,12 @@ def test_unsafe_adapter_is_refused(folders, tmp_path):
     assert result.exit_code == 3 and "unsafe pickle" in result.stderr
 
 
+
+
+def test_without_projector_the_visual_checks_are_skipped(tmp_path):
+    merged = build_merged(tmp_path / "noproj", projector=False)
+    result, report = verify(merged)
+    assert result.exit_code == 0, result.output
+    assert {k: c["status"] for k, c in report["checks"].items()} == {
+        "llm_forward": "pass", "multimodal": "skipped", "seg": "skipped", "merge": "skipped"}
+    assert "projector.safetensors" in report["checks"]["multimodal"]["reason"]
