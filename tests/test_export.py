@@ -526,3 +526,31 @@ def test_safetensors_export_of_a_wrapped_state_dict_notes_non_tensor_entries(tmp
     assert report["container"] == "state_dict"
     assert report["notes"] == ["non-tensor entries not written: epoch, cfg"]
     _assert_identical(tmp_path / "w.safetensors", sd)
+
+
+def test_merge_lora_output_exports_and_agrees_with_the_adapter(work, tmp_path):
+    """merge-lora's own output (bf16) -> llama: exact against the reference forward on its
+    weights; the default-dtype adapter's saved lm_head/embeddings are bit-identical to it,
+    and unmerged logits differ only by the bf16 rounding of the merged weights."""
+    from omgtool.merge import plan_merge, run_merge
+
+    merged = tmp_path / "merged"
+    run_merge(plan_merge(FINETUNE, BASE), merged)
+    _ok("export", merged, "--to", "llama", "--out", tmp_path / "merged-llama")
+    out = tmp_path / "merged-llama"
+    assert (out / "projector.safetensors").read_bytes() == (merged / "projector.safetensors").read_bytes()
+    model = _load_llama(out)
+    ids = _ids(324, seed=3)
+    with torch.no_grad():
+        got = model(ids).logits
+    want = internlm2_forward(_folder_weights(merged), json.loads((merged / "config.json").read_text()), ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+    adapter = load_file(str(work["tmp"] / "adapter" / "adapter_model.safetensors"))
+    exported = _folder_weights(out)
+    assert torch.equal(adapter["base_model.model.lm_head.weight"], exported["lm_head.weight"])
+    assert torch.equal(adapter["base_model.model.model.embed_tokens.weight"], exported["model.embed_tokens.weight"])
+    with torch.no_grad():
+        unmerged = _peft_model(work, work["tmp"] / "adapter")(input_ids=ids).logits
+    diff = (unmerged - got).abs().max()
+    assert diff < 0.05, diff  # bf16 rounding of W + scale*B@A in the merged model
