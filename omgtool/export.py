@@ -217,7 +217,7 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
         _write_json(tmp / "config.json", llama_config)
         _write_generation_config(src, tmp, config)
         tok = write_llama_tokenizer(src, tmp)
-        if check_tokenizer and tok.get("files"):
+        if check_tokenizer and tok.get("files") and (src / "tokenizer.model").is_file():
             diffs = tokenizer_differences(tmp, src / "tokenizer.model", tok["added_tokens"])
             tok["check"] = "identical ids to SentencePiece on the probe set" if not diffs else diffs
             if diffs:

@@ -243,7 +243,7 @@ def write_llama_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
 
     model_path = src / "tokenizer.model"
     if not model_path.is_file():
-        return {"files": [], "notes": ["source has no tokenizer.model: no tokenizer written"]}
+        return _carry_fast_tokenizer(src, dst)
     spm = read_spm(model_path)
     src_config: dict[str, Any] = {}
     if (src / "tokenizer_config.json").is_file():
@@ -294,6 +294,31 @@ def write_llama_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
             "vocab_size": tk.get_vocab_size(with_added_tokens=True),
             "added_tokens": {e["content"]: i for i, e in sorted(all_added.items())},
             "add_prefix_space": spm.add_dummy_prefix, "byte_fallback": spm.byte_fallback, "notes": notes}
+
+
+def _carry_fast_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
+    """No tokenizer.model: carry a tokenizer.json as it is, its config without remote code."""
+    import shutil
+
+    if not (src / "tokenizer.json").is_file():
+        return {"files": [], "notes": ["source has no tokenizer.model or tokenizer.json: no tokenizer written"]}
+    for name in ("tokenizer.json", "special_tokens_map.json", "added_tokens.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    cfg: dict[str, Any] = {}
+    if (src / "tokenizer_config.json").is_file():
+        try:
+            cfg = json.loads((src / "tokenizer_config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise UnreadableInput(f"tokenizer_config.json is not valid JSON ({exc})", src) from None
+    cfg.pop("auto_map", None)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    added = {e["content"]: int(i) for i, e in (cfg.get("added_tokens_decoder") or {}).items()
+             if isinstance(e, dict) and "content" in e}
+    return {"files": sorted(p.name for p in dst.iterdir() if p.name in TOKENIZER_FILES),
+            "tokenizer_class": "PreTrainedTokenizerFast", "added_tokens": added,
+            "notes": ["source has no tokenizer.model: its tokenizer.json is carried as it is (not checked)"]}
 
 
 def check_tokenizer(folder: Path, spm_path: Path, added: dict[str, int]) -> list[str]:
