@@ -10,7 +10,7 @@ committed). Each path runs as a child process (bench.measure: wall, peak RSS):
             PeftModel.from_pretrained(adapter), merge_and_unload(), save_pretrained(5GB shards)
             -- the base and the adapter are first converted to the Llama layout with
             `omgtool export --to llama|peft` (untimed preparation), the same shapes and bytes.
-  io floor  read every input byte of the omgtool path and write as many output bytes.
+  io floor  read every input byte of the omgtool path and write as many bytes as it outputs.
 
 Both paths are measured at two layer counts (default 2 and 4) so the 32-layer figures are a
 linear fit a + b*layers of two measured points, not a guess. Run it alone (it needs ~8 GB
@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import machine, measure
+from bench.measure import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -49,16 +49,42 @@ model.save_pretrained(out, max_shard_size="5GB")
 
 IO_FLOOR = """
 import sys, os
-out, files = sys.argv[1], sys.argv[2:]
-total = 0
+out, limit, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+written = 0
 with open(out, "wb") as dst:
     for f in files:
         with open(f, "rb") as src:
             while block := src.read(16 << 20):
-                total += len(block)
+                block = block[:max(0, limit - written)]
+                written += len(block)
                 dst.write(block)
 os.remove(out)
 """
+
+
+def measure(cmd: list[str], repeat: int = 2) -> dict:
+    """Run `cmd` `repeat` times as a child process: min wall and min CPU (user + sys) -- the
+    machine is shared, so the fastest run is the least disturbed -- and the max peak RSS, all
+    from os.wait4's rusage of that one child."""
+    import time
+
+    runs = []
+    for _ in range(repeat):
+        import tempfile
+
+        with tempfile.TemporaryFile() as errf:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf, cwd=ROOT)
+            _, status, ru = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            errf.seek(0)
+            err = errf.read().decode(errors="replace")
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{cmd} failed: {err[-1500:]}")
+        runs.append({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024})
+    return {"cmd": " ".join(cmd), "wall_s": min(r["wall_s"] for r in runs), "cpu_s": min(r["cpu_s"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
 
 
 def generate(workdir: Path, layers: int) -> dict[str, Path]:
@@ -94,7 +120,6 @@ def _warm(files: list[Path]) -> None:
 
 def run_layers(data: dict[str, Path], repeat: int, skip_peft: bool) -> dict:
     out = data["dir"] / "out"
-    rows = json.loads((data["llama"] / "config.json").read_text())["vocab_size"]
     inputs = _files(data["ckpt"]) + [f for f in _files(data["base"]) if f.suffix == ".safetensors"]
     res: dict = {"input_bytes": sum(f.stat().st_size for f in inputs)}
     _warm(inputs)
@@ -104,8 +129,10 @@ def run_layers(data: dict[str, Path], repeat: int, skip_peft: bool) -> dict:
     record = json.loads((Path(f"{out}-o") / "omgtool-merge.json").read_text())
     res["output_bytes"] = sum(v["bytes"] for k, v in record["outputs"].items() if k.endswith(".safetensors"))
     res["record_wall_s"] = record["wall_s"]
+    rows = record["vocab"]["output"]  # the checkpoint's embedding rows (92548)
     io_files = [str(f) for f in inputs]
-    res["io_floor"] = measure([PY, "-c", IO_FLOOR, str(out) + "-io", *io_files], repeat=repeat)
+    res["io_floor"] = measure([PY, "-c", IO_FLOOR, str(out) + "-io", str(res["output_bytes"]), *io_files],
+                              repeat=repeat)
     shutil.rmtree(f"{out}-o", ignore_errors=True)
     if not skip_peft:
         _warm(_files(data["llama"]) + _files(data["adapter"]))
@@ -126,7 +153,7 @@ def fit(points: dict[int, float], at: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default="2,4", help="two layer counts to measure (comma list)")
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/omgtool-bench-merge"))
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--skip-peft", action="store_true")
@@ -146,53 +173,65 @@ def main() -> None:
         "## merge-lora",
         "",
         f"- date: {date}",
-        f"- machine: {machine()}; no GPU (CPU matmuls on {os.cpu_count()} cores)",
+        f"- machine: {machine()}; no GPU (CPU matmuls on {os.cpu_count()} cores). The machine is shared with "
+        "other engineers' jobs (load average 2-4 during the run), so wall times are noisy: each row is the "
+        f"fastest of {args.repeat} runs, and CPU time (user + sys) is shown beside it",
         "- data: `python -m fixtures.generate --size real --layers N --what base,finetune` (hidden 4096, ffn 14336, "
         "vocab 92544 -> 92548, 32/8 heads, bf16 base, LoRA r=512 fp32 on wqkv/wo/w1/w3/w2 + output, bf16 "
         "embeddings/output in the checkpoint)",
         f"- command: `flock /tmp/omgtool-heavy.lock python -m bench.bench_merge --layers {args.layers} "
-        f"--repeat {args.repeat}` (each row a child process: wall, peak RSS = ru_maxrss; inputs read once "
-        "before each path so both start from the page cache)",
-        "- omgtool: `omgtool merge-lora FINETUNE --base BASE --out OUT --json` (defaults: CPU, sha256 of every "
-        "input and output on a background thread)",
+        f"--repeat {args.repeat}` (each row a child process; wall, CPU and peak RSS from os.wait4's rusage; "
+        "inputs read once before each path so both start from the page cache)",
+        "- omgtool: `omgtool merge-lora FINETUNE --base BASE --out OUT --json` (defaults: CPU, fp32 merge, sha256 "
+        "of every input and output on a background thread, delta norms)",
         "- PEFT path: `AutoModelForCausalLM.from_pretrained(Llama export, bf16)`, `resize_token_embeddings(92548)`, "
         "`PeftModel.from_pretrained(adapter)`, `merge_and_unload()`, `save_pretrained(max_shard_size='5GB')`; "
         "base and adapter converted beforehand with `omgtool export --to llama|peft` (untimed): same shapes, "
         "same bytes",
-        "- I/O floor: read every input byte of the omgtool path, write as many bytes (python, 16 MB blocks)",
+        "- I/O floor: read every input byte of the omgtool path (base shards + checkpoint) and write as many "
+        "bytes as its safetensors outputs hold (python, 16 MB blocks)",
         "",
-        "| layers | path | wall (s) | peak RSS (MB) |",
-        "|---:|---|---:|---:|",
+        "| layers | path | wall (s) | CPU (s) | peak RSS (MB) |",
+        "|---:|---|---:|---:|---:|",
     ]
+
+    def row(n, name, r):
+        return f"| {n} | {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+
     for n, r in results.items():
-        lines.append(f"| {n} | omgtool merge-lora | {r['omgtool']['wall_s']:.1f} | {r['omgtool']['peak_rss_mb']:.0f} |")
+        lines.append(row(n, "omgtool merge-lora", r["omgtool"]))
         if "peft" in r:
-            lines.append(f"| {n} | transformers + PEFT merge_and_unload | {r['peft']['wall_s']:.1f} | "
-                         f"{r['peft']['peak_rss_mb']:.0f} |")
-        lines.append(f"| {n} | I/O floor ({(r['input_bytes']) / 1e9:.2f} GB read, same written) | "
-                     f"{r['io_floor']['wall_s']:.1f} | {r['io_floor']['peak_rss_mb']:.0f} |")
+            lines.append(row(n, "transformers + PEFT merge_and_unload", r["peft"]))
+        lines.append(row(n, f"I/O floor ({r['input_bytes'] / 1e9:.2f} GB read, {r['output_bytes'] / 1e9:.2f} GB "
+                            "written)", r["io_floor"]))
     if len(results) >= 2:
         def series(path, key):
             return {n: r[path][key] for n, r in results.items() if path in r}
 
-        ow, orss = fit(series("omgtool", "wall_s"), 32), fit(series("omgtool", "peak_rss_mb"), 32)
-        lines += ["", f"Extrapolated to 32 layers (linear fit through the {layer_counts[0]}- and "
-                      f"{layer_counts[1]}-layer points):", "",
-                  "| path | wall (s) | peak RSS (MB) |", "|---|---:|---:|",
-                  f"| omgtool merge-lora | {ow:.0f} | {orss:.0f} |"]
-        if all("peft" in r for r in results.values()):
-            pw, prss = fit(series("peft", "wall_s"), 32), fit(series("peft", "peak_rss_mb"), 32)
-            lines.append(f"| transformers + PEFT | {pw:.0f} | {prss:.0f} |")
+        est = {path: {k: fit(series(path, k), 32) for k in ("wall_s", "cpu_s", "peak_rss_mb")}
+               for path in ("omgtool", "peft", "io_floor") if all(path in r for r in results.values())}
+        lines += ["", f"Extrapolated to 32 layers (straight line through the {layer_counts[0]}- and "
+                      f"{layer_counts[1]}-layer points; the extra layers add matmuls and bytes, not memory, to "
+                      "merge-lora):", "",
+                  "| path | wall (s) | CPU (s) | peak RSS (MB) |", "|---|---:|---:|---:|"]
+        names = {"omgtool": "omgtool merge-lora", "peft": "transformers + PEFT", "io_floor": "I/O floor"}
+        for path, e in est.items():
+            lines.append(f"| {names[path]} | {e['wall_s']:.0f} | {e['cpu_s']:.0f} | {e['peak_rss_mb']:.0f} |")
         top = results[layer_counts[-1]]
         lines += [""]
         if "peft" in top:
-            lines.append(f"At {layer_counts[-1]} layers the PEFT path takes {top['peft']['wall_s'] / top['omgtool']['wall_s']:.2f}x "
-                         f"the wall time and {top['peft']['peak_rss_mb'] / top['omgtool']['peak_rss_mb']:.1f}x the peak "
-                         "RSS of merge-lora.")
-        lines.append(f"merge-lora's peak RSS target is <= 2500 MB at 32 layers (extrapolated: {orss:.0f} MB); "
-                     f"at {layer_counts[-1]} layers its wall is {top['omgtool']['wall_s'] / top['io_floor']['wall_s']:.1f}x "
-                     "the I/O floor on this CPU-only machine (the matmuls dominate here; the GPU target, within 2x "
-                     "of the I/O floor at 32 layers, needs a GPU machine).")
+            o, p = top["omgtool"], top["peft"]
+            lines.append(f"At {layer_counts[-1]} layers the PEFT path takes {p['wall_s'] / o['wall_s']:.2f}x the wall "
+                         f"time, {p['cpu_s'] / o['cpu_s']:.2f}x the CPU time and {p['peak_rss_mb'] / o['peak_rss_mb']:.1f}x "
+                         "the peak RSS of merge-lora.")
+        if "peft" in est:
+            lines.append(f"At 32 layers the PEFT path would need about {est['peft']['peak_rss_mb'] / 1000:.0f} GB "
+                         "(it cannot run on this 24 GB machine); merge-lora's peak RSS stays at "
+                         f"{est['omgtool']['peak_rss_mb']:.0f} MB (target <= 2500 MB).")
+        lines.append(f"merge-lora's wall is {top['omgtool']['wall_s'] / top['io_floor']['wall_s']:.1f}x the I/O floor "
+                     f"at {layer_counts[-1]} layers on this CPU-only machine: the float32 matmuls (r=512: about 223 "
+                     "GFLOP per layer) dominate here. The GPU target (a 32-layer merge within 2x of the I/O floor) "
+                     "needs a GPU machine; none was available to this task.")
     lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))

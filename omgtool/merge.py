@@ -645,35 +645,37 @@ def _chunk_rows(shape: tuple[int, ...], device: str) -> int:
     return max(1, CHUNK_BYTES["cuda" if device.startswith("cuda") else "cpu"] // (4 * cols))
 
 
-def _merged_blocks(weight, item: MergeItem, ckpt, device: str):
-    """W + scale * B @ A as row blocks of the output dtype (omgtool.lora.merge_lora per block)."""
+def _blocks(item: MergeItem, ckpt, base, device: str):
+    """The output tensor as row blocks of its dtype: W + scale * B @ A through
+    omgtool.lora.merge_lora per block, or the source rows (converted if --dtype says so).
+
+    Every block re-reads its views and the previous mappings are dropped (Checkpoint.close),
+    so the pages of a 92548-row table are released as the merge moves down it: resident
+    memory holds about two blocks of the source, never the whole table."""
     from omgtool.formats.dtypes import torch_dtype
     from omgtool.lora import merge_lora
 
-    lo = item.lora
-    a, b = ckpt.read(lo.a_key), ckpt.read(lo.b_key)
-    if lo.transposed:  # embedding LoRA: delta = (B @ A).T = A.T @ B.T
-        a, b = b.T, a.T
-    if device != "cpu":
-        a = a.to(device)
-    rows = _chunk_rows(tuple(weight.shape), device)
+    source = ckpt if item.source == "checkpoint" else base
+    n = item.shape[0]
+    rows = _chunk_rows(item.shape, device if item.lora is not None else "cpu")
     out_dt = torch_dtype(item.dtype)
-    for start in range(0, weight.shape[0], rows):
-        stop = min(start + rows, weight.shape[0])
-        yield merge_lora(weight[start:stop], a, b[start:stop], lo.scale, out_dtype=out_dt,
-                         chunk_rows=rows, device=device)
-
-
-def _plain_blocks(tensor, dtype: str, device: str):
-    from omgtool.formats.dtypes import torch_dtype
-
-    dt = torch_dtype(dtype)
-    if tensor.dtype == dt:
-        yield tensor
-        return
-    rows = _chunk_rows(tuple(tensor.shape), "cpu")
-    for start in range(0, tensor.shape[0], rows):
-        yield tensor[start:start + rows].to(dt)
+    lo = item.lora
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        w = source.read(item.key)[start:stop]
+        if lo is None:
+            block = w if w.dtype == out_dt else w.to(out_dt)
+        else:
+            a, b = ckpt.read(lo.a_key), ckpt.read(lo.b_key)
+            if lo.transposed:  # embedding LoRA: delta = (B @ A).T = A.T @ B.T
+                a, b = b.T, a.T
+            block = merge_lora(w, a, b[start:stop], lo.scale, out_dtype=out_dt, chunk_rows=rows, device=device)
+            del a, b
+        del w
+        ckpt.close()
+        base.close()
+        yield block
+        del block
 
 
 def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress: Progress = _noop,
@@ -682,6 +684,7 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
     out/omgtool-merge.json). Nothing appears at `out` unless everything succeeded."""
     from omgtool.formats.writer import PlannedTensor, ShardedSafetensorsWriter, atomic_output_dir, \
         check_free_space, verify_written
+    from omgtool.formats.dtypes import torch_dtype
     from omgtool.lora import delta_norm
     from omgtool.tokenizer import write_tokenizer_files
 
@@ -724,17 +727,12 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
                                              "frobenius_norm": delta_norm(a, b, lo.scale),
                                              "lora_A": lo.a_key, "lora_B": lo.b_key}
                         del a, b
-                    source = ckpt if item.source == "checkpoint" else base
-                    tensor = source.read(item.key)
-                    if item.lora is not None:
-                        blocks = _merged_blocks(tensor, item, ckpt, plan.device)
+                        ckpt.close()
+                    if not item.shape:  # a 0-d tensor: no rows to stream
+                        source = ckpt if item.source == "checkpoint" else base
+                        writer.write(item.name, source.read(item.key).to(torch_dtype(item.dtype)))
                     else:
-                        blocks = _plain_blocks(tensor, item.dtype, plan.device)
-                    if tensor.dim() == 0:
-                        writer.write(item.name, next(iter(blocks)))
-                    else:
-                        writer.write_rows(item.name, blocks)
-                    del tensor, blocks
+                        writer.write_rows(item.name, _blocks(item, ckpt, base, plan.device))
                     ckpt.close()  # drop the mmaps: pages read so far stop counting as ours
                     base.close()
                     if item.name in first_of_shard:  # the previous shard is closed: hash it now
