@@ -91,7 +91,7 @@ def adapter_parts(adapter_ckpt, analysis, params: dict[str, int], conversion=Non
 def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torch.dtype,
                     placement: Placement, alpha: float | None = None):
     """(PEFT model, ReferenceInfo). `alpha` overrides the analysis' alpha (mapping default)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from omgtool.formats import open_checkpoint
 
@@ -132,16 +132,36 @@ def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torc
         cfg = LoraConfig(r=rank, lora_alpha=alpha_used, lora_dropout=0.0, bias="none",
                          target_modules=sorted(parts.lora),
                          rank_pattern={n: a.shape[0] for n, (a, _) in parts.lora.items() if a.shape[0] != rank})
-        peft_model = get_peft_model(model, cfg)
+        # LoRA layers on the meta device, then the checkpoint's factors assigned (PEFT's own loading
+        # path): no random init of factors about to be replaced (1.26B parameters at r=512)
+        peft_model = get_peft_model(model, cfg, low_cpu_mem_usage=True)
+        state = {}
+        for name, (a, b) in parts.lora.items():
+            module = model.get_submodule(name)
+            la, lb = module.lora_A["default"].weight, module.lora_B["default"].weight
+            if tuple(la.shape) != tuple(a.shape) or tuple(lb.shape) != tuple(b.shape):
+                raise MismatchError(f"LoRA on {name}: A {list(a.shape)}, B {list(b.shape)} do not fit "
+                                    f"the module ({list(la.shape)}, {list(lb.shape)})")
+            dev = module.get_base_layer().weight.device
+            # PEFT keeps adapter weights in float32 under a bf16/fp16 base (autocast_adapter_dtype)
+            state[f"base_model.model.{name}.lora_A.weight"] = a.to(dev, torch.float32)
+            state[f"base_model.model.{name}.lora_B.weight"] = b.to(dev, torch.float32)
+        result = set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=True)
+        bad = [k for k in result.unexpected_keys if "lora_" in k]
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if bad or missing:
+            raise MismatchError(f"PEFT did not take the adapter: missing {missing[:3]}, unexpected {bad[:3]}")
+        meta = [n for n, p in peft_model.named_parameters() if p.device.type == "meta"]
+        if meta:
+            raise MismatchError(f"LoRA weights left unset: {meta[:3]}")
         with torch.no_grad():
             for name, (a, b) in parts.lora.items():
+                # loading assigned them in the base dtype; PEFT's default is float32, with the exact values
                 module = model.get_submodule(name)
-                la, lb = module.lora_A["default"].weight, module.lora_B["default"].weight
-                if tuple(la.shape) != tuple(a.shape) or tuple(lb.shape) != tuple(b.shape):
-                    raise MismatchError(f"LoRA on {name}: A {list(a.shape)}, B {list(b.shape)} do not fit "
-                                        f"the module ({list(la.shape)}, {list(lb.shape)})")
-                la.copy_(a.to(la.device, la.dtype))
-                lb.copy_(b.to(lb.device, lb.dtype))
+                module.lora_A.to(torch.float32)
+                module.lora_B.to(torch.float32)
+                module.lora_A["default"].weight.copy_(a)
+                module.lora_B["default"].weight.copy_(b)
         peft_model.eval()
         return peft_model
 
