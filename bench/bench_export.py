@@ -154,6 +154,8 @@ def main() -> None:
         f"- command: `flock /tmp/omgtool-heavy.lock .venv/bin/python -m bench.bench_export --layers {args.layers} "
         f"--repeat {args.repeat}`; each row the median wall of {args.repeat} runs, each a child process; peak RSS = "
         "max ru_maxrss; page cache warm (inputs read once first); outputs on the same disk",
+        f"- load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores, shared with "
+        "other jobs: single runs vary by up to 2x, see the runs column)",
         "",
         "| command | wall (s) | runs (s) | peak RSS (MB) | input GB/s | written (GB) |",
         "|---|---:|---|---:|---:|---:|",

@@ -145,6 +145,8 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise InvalidArgument(f"{src}: --to llama needs an InternLM2 HF model folder (config.json + weights)")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise InvalidArgument(f"--out {out} is inside the source folder {src}")
     ckpt = open_checkpoint(src)
     config = ckpt.metadata.get("config")
     if not isinstance(config, dict):
@@ -221,7 +223,7 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
             diffs = tokenizer_differences(tmp, src / "tokenizer.model", tok["added_tokens"])
             tok["check"] = "identical ids to SentencePiece on the probe set" if not diffs else diffs
             if diffs:
-                notes.append(f"tokenizer: LlamaTokenizer differs from SentencePiece on {len(diffs)} probes "
+                notes.append(f"tokenizer: the exported tokenizer differs from SentencePiece on {len(diffs)} probes "
                              f"(first: {diffs[0]})")
         notes += tok.get("notes", [])
         for entry in carried:
@@ -261,7 +263,7 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
     from omgtool.formats import open_checkpoint
     from omgtool.formats.dtypes import torch_dtype
     from omgtool.formats.writer import atomic_output_dir
-    from omgtool.infer import analyze, resolve_alpha
+    from omgtool.infer import analyze, lora_scaling, resolve_alpha
     from omgtool.transforms import apply, convert_name, transform_shapes
 
     ckpt_path, base_llama, out = Path(ckpt_path), Path(base_llama), Path(out)
@@ -278,6 +280,12 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
     alpha_value, alpha_source = resolve_alpha(analysis.family, ckpt, alpha)
     if alpha_value is None:
         raise InvalidArgument(alpha_source)
+    src_cfg = ckpt.metadata.get("adapter_config")
+    src_cfg = src_cfg if isinstance(src_cfg, dict) else {}
+    if src_cfg.get("alpha_pattern") and alpha is None:
+        raise InvalidArgument(f"{ckpt_path}: the source adapter has a per-module alpha_pattern, which export "
+                              "does not translate to the Llama module names; pass --alpha to use one alpha")
+    use_rslora = bool(src_cfg.get("use_rslora"))
 
     base = open_checkpoint(base_llama)
     base_config = base.metadata.get("config")
@@ -372,8 +380,7 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
             w = ckpt.read(key)
             if pair is not None:
                 a, b = ckpt.read(pair.a_key), ckpt.read(pair.b_key)
-                rank_here = a.shape[0]
-                w = merge_lora(w, a, b, alpha_value / rank_here, out_dtype=torch_dtype(dt))
+                w = merge_lora(w, a, b, lora_scaling(alpha_value, a.shape[0], ckpt), out_dtype=torch_dtype(dt))
             for target, piece in zip(conv.targets, apply(conv.transform, w, params)):
                 yield f"base_model.model.{target}", piece.to(torch_dtype(dt))
         for conv, pair in lora_jobs:
@@ -397,7 +404,7 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
     notes = list(analysis.notes)
     if folded:
         notes.append(f"LoRA on {', '.join(folded)} folded into the saved module (PEFT cannot hold a LoRA on a "
-                     f"module it also saves whole): W + {alpha_value:g}/r * B@A in float32, rounded once")
+                     f"module it also saves whole): W + (alpha {alpha_value:g} / r) * B@A in float32, rounded once")
     load = _load_snippet(base_name, out, resize_rows)
     report: dict[str, Any] = {
         "kind": "peft", "source": str(ckpt_path), "base_model_name_or_path": base_name, "out": str(out),
@@ -421,7 +428,8 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
             report["carried"][PROJECTOR_FILE] = len(carry_plan)
         if extras_plan:
             report["carried"][EXTRAS_FILE] = len(extras_plan)
-        _write_adapter_config(tmp, rank, alpha_value, target_modules, modules_to_save, rank_pattern, base_name)
+        _write_adapter_config(tmp, rank, alpha_value, target_modules, modules_to_save, rank_pattern, base_name,
+                              use_rslora)
         report.update(files=files + ["adapter_config.json"], notes=notes)
         _write_json(tmp / PROVENANCE, {"omgtool": __version__, **report})
     return report
@@ -448,13 +456,14 @@ def _module_names(modules: list[str], base) -> list[str]:
 
 
 def _write_adapter_config(folder: Path, r: int, alpha: float, target_modules: list[str],
-                          modules_to_save: list[str], rank_pattern: dict[str, int], base_name: str) -> None:
+                          modules_to_save: list[str], rank_pattern: dict[str, int], base_name: str,
+                          use_rslora: bool = False) -> None:
     from peft import LoraConfig
 
     lora_alpha = int(alpha) if float(alpha).is_integer() else alpha
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, modules_to_save=modules_to_save,
                         rank_pattern=rank_pattern, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=base_name, inference_mode=True)
+                        base_model_name_or_path=base_name, inference_mode=True, use_rslora=use_rslora)
     config.save_pretrained(str(folder))
 
 

@@ -459,6 +459,8 @@ def test_bad_inputs_exit_2_with_one_line(work, tmp_path):
     _one_line_error(_run("export", FINETUNE, "--to", "peft", "--base-llama", BASE, "--out", tmp_path / "x"),
                     2, "llama")
     _one_line_error(_run("export", base_llama, "--to", "llama", "--out", tmp_path / "x"), 2, "llama")
+    _one_line_error(_run("export", BASE, "--to", "llama", "--out", BASE / "llama"), 2, "inside the source")
+    assert not (BASE / "llama").exists()
     truncated = tmp_path / "trunc.pth"
     truncated.write_bytes(FINETUNE.read_bytes()[:200_000])
     _one_line_error(_run("export", truncated, "--to", "safetensors", "--out", tmp_path / "t.safetensors"), 2)
