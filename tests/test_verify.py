@@ -113,3 +113,26 @@ def test_without_projector_the_visual_checks_are_skipped(tmp_path):
     assert {k: c["status"] for k, c in report["checks"].items()} == {
         "llm_forward": "pass", "multimodal": "skipped", "seg": "skipped", "merge": "skipped"}
     assert "projector.safetensors" in report["checks"]["multimodal"]["reason"]
+
+
+def test_gpu_budget_decides_placement(monkeypatch):
+    """The 7B numbers on an 80 GB GPU: the merged model in fp32 (31 GB) fits under 2.4x the bf16
+    weights; the fp32 reference (+5 GB of r=512 LoRA, + PEFT's merge temporary) is placed by
+    accelerate with the GPU capped at the budget. The CPU is never capped."""
+    from pathlib import Path
+
+    import omgtool.verify as V
+    from omgtool.models.llm import Placement
+
+    run = V._Run(V.VerifyOptions(folder=Path(".")))
+    llm_params, lora_params = 7_740_000_000, 1_260_000_000
+    run.gpu_budget = int(V.GPU_BUDGET_RATIO * 2 * llm_params)
+    run.transient = 92548 * 4096 * 8
+    monkeypatch.setattr(V, "free_memory", lambda d: (80 << 30) if d.startswith("cuda") else (100 << 30))
+    gpu = Placement("cuda:0")
+    assert V.capped_placement(run, gpu, 4 * llm_params) is gpu
+    ref = V.capped_placement(run, gpu, 4 * (llm_params + lora_params))
+    assert ref.device_map == "auto"
+    assert ref.max_memory[0] == run.gpu_budget - run.transient - V.GPU_MARGIN
+    assert ref.max_memory[0] + run.transient + V.GPU_MARGIN <= 2.5 * 2 * llm_params
+    assert V.capped_placement(run, Placement("cpu"), 10 ** 13).device_map is None
