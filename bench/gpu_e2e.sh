@@ -7,6 +7,8 @@
 #   LAYERS=4 bash bench/gpu_e2e.sh        # a quicker smoke run
 #   STEP=verify bash bench/gpu_e2e.sh     # one step only (generate|merge|verify|export|wrong|summary),
 #                                         # e.g. to stay under a 10-minute limit per command
+#   (generating 32 real-size layers can itself take minutes: run `STEP=generate nohup bash
+#   bench/gpu_e2e.sh > gen.log 2>&1 &` and poll for $WORK/omg_llava_7b_finetune_8gpus.pth)
 #
 # Disk: base 15.5 GB + finetune ~4 GB + merged 15.5 GB + export 15.5 GB at 32 layers; the wrong-alpha
 # merge reuses the export's space. Needs ~55 GB free under $WORK.
