@@ -20,6 +20,7 @@ LAYERS=${LAYERS:-32}
 WORK=${WORK:-/tmp/omgtool-gpu-e2e}
 RESULTS=${RESULTS:-${OUT:-bench/results}/verify}
 STEP=${STEP:-all}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu LAYERS=1 smoke-tests the script without a GPU
 BASE="$WORK/internlm2-chat-7b"
 CKPT="$WORK/omg_llava_7b_finetune_8gpus.pth"
 mkdir -p "$WORK" "$RESULTS"
@@ -44,23 +45,23 @@ if want generate; then
 fi
 if want merge; then
   rm -rf "$WORK/merged"
-  timed merge "$OMG" merge-lora "$CKPT" --base "$BASE" --out "$WORK/merged" --device cuda
+  timed merge "$OMG" merge-lora "$CKPT" --base "$BASE" --out "$WORK/merged" --device "$DEVICE"
 fi
 if want verify; then
-  timed verify_merged sh -c "\"$OMG\" verify \"$WORK/merged\" --adapter \"$CKPT\" --device cuda --json \
+  timed verify_merged sh -c "\"$OMG\" verify \"$WORK/merged\" --adapter \"$CKPT\" --device "$DEVICE" --json \
     > \"$RESULTS/verify_merged.json\""
 fi
 if want export; then
   rm -rf "$WORK/llama"
   timed export "$OMG" export "$WORK/merged" --to llama --out "$WORK/llama"
-  timed verify_llama sh -c "\"$OMG\" verify \"$WORK/llama\" --adapter \"$CKPT\" --device cuda --json \
+  timed verify_llama sh -c "\"$OMG\" verify \"$WORK/llama\" --adapter \"$CKPT\" --device "$DEVICE" --json \
     > \"$RESULTS/verify_llama.json\""
   rm -rf "$WORK/llama"
 fi
 if want wrong; then  # a wrong alpha must fail: expect rc 1 in verify_wrong_alpha.time
   rm -rf "$WORK/merged_wrong"
-  timed merge_wrong "$OMG" merge-lora "$CKPT" --base "$BASE" --out "$WORK/merged_wrong" --alpha 128 --device cuda
-  timed verify_wrong_alpha sh -c "\"$OMG\" verify \"$WORK/merged_wrong\" --adapter \"$CKPT\" --device cuda \
+  timed merge_wrong "$OMG" merge-lora "$CKPT" --base "$BASE" --out "$WORK/merged_wrong" --alpha 128 --device "$DEVICE"
+  timed verify_wrong_alpha sh -c "\"$OMG\" verify \"$WORK/merged_wrong\" --adapter \"$CKPT\" --device "$DEVICE" \
     --json > \"$RESULTS/verify_wrong_alpha.json\""
   rm -rf "$WORK/merged_wrong"
 fi

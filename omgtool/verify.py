@@ -291,7 +291,8 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our stderr carries only our own progress lines
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(torch.device(device))
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(), torch.no_grad(), _exact_matmul():
@@ -308,6 +309,9 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
         dev = torch.device(device)
         mem["peak_gpu_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
         mem["peak_gpu_reserved_bytes"] = int(torch.cuda.max_memory_reserved(dev))
+        if torch.cuda.device_count() > 1:
+            mem["peak_gpu_allocated_bytes_per_device"] = {
+                str(i): int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())}
         bf16 = report["llm"].get("bf16_weight_bytes")
         if bf16:
             mem["peak_gpu_over_bf16_weights"] = round(mem["peak_gpu_allocated_bytes"] / bf16, 3)
