@@ -12,11 +12,11 @@ committed). Each path runs as a child process (bench.measure: wall, peak RSS):
             `omgtool export --to llama|peft` (untimed preparation), the same shapes and bytes.
   io floor  read every input byte of the omgtool path and write as many bytes as it outputs.
 
-Both paths are measured at two layer counts (default 2 and 4) so the 32-layer figures are a
-linear fit a + b*layers of two measured points, not a guess. Run it alone (it needs ~8 GB
-for the PEFT path at 4 layers and ~25 GB of disk):
+Both paths are measured at several layer counts (default 2, 4 and 8) so the 32-layer figures
+come from a least-squares line through measured points, not a guess. Run it alone (the PEFT
+path needs ~10 GB at 8 layers; ~30 GB of disk):
 
-    flock /tmp/omgtool-heavy.lock python -m bench.bench_merge [--layers 2,4] [--keep]
+    flock /tmp/omgtool-heavy.lock python -m bench.bench_merge [--layers 2,4,8] [--keep]
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def run_layers(data: dict[str, Path], repeat: int, skip_peft: bool) -> dict:
     out = data["dir"] / "out"
     inputs = _files(data["ckpt"]) + [f for f in _files(data["base"]) if f.suffix == ".safetensors"]
     res: dict = {"input_bytes": sum(f.stat().st_size for f in inputs)}
+    res["import_torch"] = measure([PY, "-c", "import torch"], repeat=1)
     _warm(inputs)
     shutil.rmtree(f"{out}-o", ignore_errors=True)
     res["omgtool"] = measure([PY, "-m", "omgtool.cli", "merge-lora", str(data["ckpt"]), "--base", str(data["base"]),
@@ -145,14 +146,16 @@ def run_layers(data: dict[str, Path], repeat: int, skip_peft: bool) -> dict:
 
 
 def fit(points: dict[int, float], at: int) -> float:
-    (x0, y0), (x1, y1) = sorted(points.items())[:2]
-    slope = (y1 - y0) / (x1 - x0)
-    return y0 + slope * (at - x0)
+    """Least-squares straight line through (layers, value), evaluated at `at`."""
+    xs, ys = zip(*sorted(points.items()))
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my + slope * (at - mx)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", default="2,4", help="two layer counts to measure (comma list)")
+    ap.add_argument("--layers", default="2,4,8", help="layer counts to measure (comma list, at least two)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/omgtool-bench-merge"))
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
@@ -165,6 +168,8 @@ def main() -> None:
     for n in layer_counts:
         data = generate(args.workdir, n)
         results[n] = run_layers(data, args.repeat, args.skip_peft)
+        if not args.keep:  # one size on disk at a time
+            shutil.rmtree(data["dir"], ignore_errors=True)
         print(json.dumps({n: results[n]}, indent=1, default=str), flush=True)
     (args.workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
@@ -208,30 +213,42 @@ def main() -> None:
         def series(path, key):
             return {n: r[path][key] for n, r in results.items() if path in r}
 
-        est = {path: {k: fit(series(path, k), 32) for k in ("wall_s", "cpu_s", "peak_rss_mb")}
-               for path in ("omgtool", "peft", "io_floor") if all(path in r for r in results.values())}
-        lines += ["", f"Extrapolated to 32 layers (straight line through the {layer_counts[0]}- and "
-                      f"{layer_counts[1]}-layer points; the extra layers add matmuls and bytes, not memory, to "
-                      "merge-lora):", "",
+        top_n = layer_counts[-1]
+        top = results[top_n]
+        paths = [p for p in ("omgtool", "peft", "io_floor") if all(p in r for r in results.values())]
+        est = {}
+        for path in paths:
+            cpu = fit(series(path, "cpu_s"), 32)
+            # wall: the measured wall at the largest size, scaled by the CPU-time fit (wall points are
+            # too noisy on a shared machine for a line of their own)
+            est[path] = {"cpu_s": cpu, "wall_s": top[path]["wall_s"] * cpu / top[path]["cpu_s"],
+                         "peak_rss_mb": fit(series(path, "peak_rss_mb"), 32)}
+        shown = ", ".join(str(n) for n in layer_counts)
+        lines += ["", f"Extrapolated to 32 layers: CPU time and peak RSS by a least-squares line through the "
+                      f"{shown}-layer points; wall = the {top_n}-layer wall scaled by the CPU-time ratio:", "",
                   "| path | wall (s) | CPU (s) | peak RSS (MB) |", "|---|---:|---:|---:|"]
         names = {"omgtool": "omgtool merge-lora", "peft": "transformers + PEFT", "io_floor": "I/O floor"}
         for path, e in est.items():
             lines.append(f"| {names[path]} | {e['wall_s']:.0f} | {e['cpu_s']:.0f} | {e['peak_rss_mb']:.0f} |")
-        top = results[layer_counts[-1]]
         lines += [""]
+        rss = {n: round(r["omgtool"]["peak_rss_mb"]) for n, r in results.items()}
+        lines.append(f"merge-lora's peak RSS does not grow with the layer count ({rss} MB by layers); at 32 layers "
+                     f"about {est['omgtool']['peak_rss_mb']:.0f} MB (target <= 2500 MB; `import torch` alone is "
+                     f"{results[layer_counts[0]]['import_torch']['peak_rss_mb']:.0f} MB here).")
         if "peft" in top:
             o, p = top["omgtool"], top["peft"]
-            lines.append(f"At {layer_counts[-1]} layers the PEFT path takes {p['wall_s'] / o['wall_s']:.2f}x the wall "
-                         f"time, {p['cpu_s'] / o['cpu_s']:.2f}x the CPU time and {p['peak_rss_mb'] / o['peak_rss_mb']:.1f}x "
+            lines.append(f"At {top_n} layers the PEFT path takes {p['wall_s'] / o['wall_s']:.2f}x the wall time, "
+                         f"{p['cpu_s'] / o['cpu_s']:.2f}x the CPU time and {p['peak_rss_mb'] / o['peak_rss_mb']:.1f}x "
                          "the peak RSS of merge-lora.")
         if "peft" in est:
-            lines.append(f"At 32 layers the PEFT path would need about {est['peft']['peak_rss_mb'] / 1000:.0f} GB "
-                         "(it cannot run on this 24 GB machine); merge-lora's peak RSS stays at "
-                         f"{est['omgtool']['peak_rss_mb']:.0f} MB (target <= 2500 MB).")
+            need = est["peft"]["peak_rss_mb"] / 1000
+            lines.append(f"At 32 layers the PEFT path needs about {need:.0f} GB of memory "
+                         f"({est['peft']['peak_rss_mb'] / est['omgtool']['peak_rss_mb']:.0f}x merge-lora's) and about "
+                         f"{est['peft']['cpu_s'] / est['omgtool']['cpu_s']:.1f}x its CPU time.")
         lines.append(f"merge-lora's wall is {top['omgtool']['wall_s'] / top['io_floor']['wall_s']:.1f}x the I/O floor "
-                     f"at {layer_counts[-1]} layers on this CPU-only machine: the float32 matmuls (r=512: about 223 "
-                     "GFLOP per layer) dominate here. The GPU target (a 32-layer merge within 2x of the I/O floor) "
-                     "needs a GPU machine; none was available to this task.")
+                     f"at {top_n} layers on this CPU-only machine: the float32 matmuls (r=512: about 223 GFLOP per "
+                     "layer) and the float64 Gram matrices of the delta norms dominate. The GPU target (a 32-layer "
+                     "merge within 2x of the I/O floor) needs a GPU machine; none was available to this task.")
     lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))

@@ -445,8 +445,8 @@ def test_base_resolution_order_and_hf_cache(tmp_path, monkeypatch):
     assert all(v["sha256"] is None for v in report["base"]["files"].values())
     # not found: one line listing every place looked
     result = _run("merge-lora", PRETRAIN, "--base", "internlm/internlm2-chat-7b", "--out", tmp_path / "o2")
-    _one_line_error(result, 2, str(empty / "internlm" / "internlm2-chat-7b"), str(PRETRAIN.parent / "internlm2-chat-7b"),
-                    str(cache / "models--internlm--internlm2-chat-7b"))
+    _one_line_error(result, 2, str(empty / "internlm" / "internlm2-chat-7b"),
+                    str(PRETRAIN.parent / "internlm2-chat-7b"), str(cache / "models--internlm--internlm2-chat-7b"))
     assert not (tmp_path / "o2").exists()
 
 
