@@ -606,3 +606,29 @@ def test_cuda_merge_matches_cpu(work, tmp_path):
     got, cpu = _weights(tmp_path / "gpu"), _weights(work["tmp"] / "ft32")
     for name in cpu:
         torch.testing.assert_close(got[name], cpu[name], rtol=1e-6, atol=1e-6)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_unsafe_checkpoint_refused_exit_3(tmp_path):
+    import collections
+
+    from tests.ckpt_builders import data_pkl, tensor_entry, write_torch_zip
+
+    marker = tmp_path / "marker"
+    sd = collections.OrderedDict()
+    sd["llm.model.tok_embeddings.weight"] = tensor_entry("0", torch.FloatStorage, 4, (4,))
+    sd["payload"] = _Payload(marker)
+    evil = write_torch_zip(tmp_path / "evil.pth", data_pkl(sd, protocol=3), {"0": bytes(16)})
+    result = _run("merge-lora", evil, "--base", BASE, "--out", tmp_path / "o")
+    _one_line_error(result, 3, "unsafe pickle")
+    assert not marker.exists()
+    _assert_nothing_written(tmp_path)
