@@ -208,7 +208,24 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
         "heads": params, "carried": [p.name for p in carried], "dropped": dropped,
     }
     metadata = {"format": "pt", "omgtool": f"export llama {__version__}", "source": src.name}
-    with atomic_output_dir(out, force=force) as tmp:
+
+    def tokenizer(folder: Path) -> dict[str, Any]:
+        tok = write_llama_tokenizer(src, folder)
+        if check_tokenizer and tok.get("files") and (src / "tokenizer.model").is_file():
+            diffs = tokenizer_differences(folder, src / "tokenizer.model", tok["added_tokens"])
+            tok["check"] = "identical ids to SentencePiece on the probe set" if not diffs else diffs
+            if diffs:
+                notes.append(f"tokenizer: the exported tokenizer differs from SentencePiece on {len(diffs)} "
+                             f"probes (first: {diffs[0]})")
+        return tok
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with atomic_output_dir(out, force=force) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
+        _write_json(tmp / "config.json", llama_config)
+        _write_generation_config(src, tmp, config)
+        # the tokenizer (CPU) is built and checked while the tensors stream (mostly memory copies)
+        tok_job = pool.submit(tokenizer, tmp)
         files = _write_streams(tmp, [
             _Stream("model", model_plan, _releasing(ckpt, iter_converted(ckpt, pieces, params),
                                                     lambda target: [source_of[target]])),
@@ -216,15 +233,7 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
                     _releasing(ckpt, ((n, ckpt.read(n)) for n in uncovered), lambda n: [n]), index=False),
         ], max_shard, metadata, progress)
         ckpt.close()
-        _write_json(tmp / "config.json", llama_config)
-        _write_generation_config(src, tmp, config)
-        tok = write_llama_tokenizer(src, tmp)
-        if check_tokenizer and tok.get("files") and (src / "tokenizer.model").is_file():
-            diffs = tokenizer_differences(tmp, src / "tokenizer.model", tok["added_tokens"])
-            tok["check"] = "identical ids to SentencePiece on the probe set" if not diffs else diffs
-            if diffs:
-                notes.append(f"tokenizer: the exported tokenizer differs from SentencePiece on {len(diffs)} probes "
-                             f"(first: {diffs[0]})")
+        tok = tok_job.result()
         notes += tok.get("notes", [])
         for entry in carried:
             if entry.is_dir():
