@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from omgtool import __version__
 from omgtool.errors import CheckFailed, InvalidArgument, MismatchError, UnreadableInput
+from omgtool.formats.jsonfile import read_json_object
 from omgtool.formats.writer import DEFAULT_MAX_SHARD
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes written)
@@ -107,16 +108,6 @@ def _main_dtype(plan) -> str | None:
     for t in plan:
         by_bytes[t.dtype] += t.nbytes
     return by_bytes.most_common(1)[0][0] if by_bytes else None
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UnreadableInput(f"{what} is not valid JSON ({exc})", path) from None
-    if not isinstance(data, dict):
-        raise UnreadableInput(f"{what} is not a JSON object", path)
-    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -253,7 +244,7 @@ def _size(path: Path) -> int:
 
 def _write_generation_config(src: Path, dst: Path, config: dict[str, Any]) -> None:
     path = src / "generation_config.json"
-    gen = _read_json(path, "generation_config.json") if path.is_file() else {
+    gen = read_json_object(path) if path.is_file() else {
         k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     gen.pop("transformers_version", None)
     _write_json(dst / "generation_config.json", gen)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from omgtool.errors import UnreadableInput
+from omgtool.formats.jsonfile import read_json_object
 
 # sentencepiece_model.proto: SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -146,24 +147,6 @@ def read_spm(path: Path) -> SpmModel:
     return model
 
 
-def _added_tokens(src_config: dict[str, Any], folder: Path) -> dict[int, dict[str, Any]]:
-    """id -> AddedToken fields, from added_tokens_decoder and (older folders) added_tokens.json."""
-    out: dict[int, dict[str, Any]] = {}
-    for key, entry in (src_config.get("added_tokens_decoder") or {}).items():
-        if isinstance(entry, dict) and "content" in entry:
-            out[int(key)] = dict(entry)
-        elif isinstance(entry, str):
-            out[int(key)] = {"content": entry, "special": True}
-    legacy = folder / "added_tokens.json"
-    if legacy.is_file():
-        try:
-            for content, idx in json.loads(legacy.read_text()).items():
-                out.setdefault(int(idx), {"content": content, "special": True})
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-            raise UnreadableInput(f"added_tokens.json is malformed ({exc})", folder) from None
-    return out
-
-
 def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
@@ -245,13 +228,10 @@ def write_llama_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
     if not model_path.is_file():
         return _carry_fast_tokenizer(src, dst)
     spm = read_spm(model_path)
-    src_config: dict[str, Any] = {}
-    if (src / "tokenizer_config.json").is_file():
-        try:
-            src_config = json.loads((src / "tokenizer_config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise UnreadableInput(f"tokenizer_config.json is not valid JSON ({exc})", src) from None
-    added = _added_tokens(src_config, src)
+    from omgtool.tokenizer import added_tokens
+
+    src_config = read_json_object(src / "tokenizer_config.json", missing_ok=True)
+    added = added_tokens(src)
     bos = _token_text(src_config.get("bos_token", "<s>"))
     eos = _token_text(src_config.get("eos_token", "</s>"))
     add_bos = bool(src_config.get("add_bos_token", True))
@@ -305,12 +285,7 @@ def _carry_fast_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
     for name in ("tokenizer.json", "special_tokens_map.json", "added_tokens.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
-    cfg: dict[str, Any] = {}
-    if (src / "tokenizer_config.json").is_file():
-        try:
-            cfg = json.loads((src / "tokenizer_config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise UnreadableInput(f"tokenizer_config.json is not valid JSON ({exc})", src) from None
+    cfg = read_json_object(src / "tokenizer_config.json", missing_ok=True)
     cfg.pop("auto_map", None)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

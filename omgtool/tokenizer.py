@@ -1,4 +1,5 @@
-"""Register a family's added special tokens in a base model's tokenizer files, at the ids
+"""Tokenizer folders: read their added tokens (`added_tokens`, `read_base_tokenizer`), and
+register a family's added special tokens in a base model's tokenizer files, at the ids
 training gave them, without loading any tokenizer code (InternLM2's is remote code).
 
 The family mapping lists the tokens in the order training added them (`[tokens]` in
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from omgtool.errors import MismatchError, UnreadableInput
+from omgtool.formats.jsonfile import read_json_object
 from omgtool.mapping import TokensSpec
 
 #: Files this module rewrites when tokens are registered (the rest of the base is carried).
@@ -69,11 +71,28 @@ class TokenPlan:
                 "source": self.source, "files": self.files, "notes": self.notes}
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UnreadableInput(f"{path.name} is not valid JSON ({exc})", path) from None
+def added_tokens(folder: Path) -> dict[int, dict[str, Any]]:
+    """id -> AddedToken fields, from tokenizer_config.json added_tokens_decoder and (older
+    folders) added_tokens.json. The one reader of a folder's added tokens."""
+    folder = Path(folder)
+    cfg = read_json_object(folder / "tokenizer_config.json", missing_ok=True)
+    out: dict[int, dict[str, Any]] = {}
+    for key, entry in (cfg.get("added_tokens_decoder") or {}).items():
+        try:
+            idx = int(key)
+        except ValueError:
+            raise UnreadableInput(f"tokenizer_config.json added_tokens_decoder has a non-integer id {key!r}",
+                                  folder) from None
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+            out[idx] = dict(entry)
+        elif isinstance(entry, str):
+            out[idx] = {"content": entry, "special": True}
+    for content, idx in read_json_object(folder / "added_tokens.json", missing_ok=True).items():
+        try:
+            out.setdefault(int(idx), {"content": content, "special": True})
+        except (TypeError, ValueError):
+            raise UnreadableInput(f"added_tokens.json maps {content!r} to a non-integer id", folder) from None
+    return out
 
 
 def read_base_tokenizer(folder: Path) -> BaseTokenizer:
@@ -93,37 +112,21 @@ def read_base_tokenizer(folder: Path) -> BaseTokenizer:
             if typ != 1:  # not NORMAL: control, user-defined, unknown, byte, unused
                 known.setdefault(piece, i)
     if (folder / "tokenizer.json").is_file():
-        tj = _read_json(folder / "tokenizer.json")
-        vocab = (tj.get("model") or {}).get("vocab") if isinstance(tj, dict) else None
+        tj = read_json_object(folder / "tokenizer.json")
+        vocab = (tj.get("model") or {}).get("vocab")
         if isinstance(vocab, dict) and vocab:
             ids.append(max(int(v) for v in vocab.values()))
             sources.append(f"tokenizer.json ({len(vocab)} vocab entries)")
-        for entry in (tj.get("added_tokens") or []) if isinstance(tj, dict) else []:
+        for entry in tj.get("added_tokens") or []:
             if isinstance(entry, dict) and "id" in entry and "content" in entry:
                 ids.append(int(entry["id"]))
                 known.setdefault(entry["content"], int(entry["id"]))
-    if (folder / "tokenizer_config.json").is_file():
-        cfg = _read_json(folder / "tokenizer_config.json")
-        decoder = cfg.get("added_tokens_decoder") if isinstance(cfg, dict) else None
-        for key, entry in (decoder or {}).items():
-            content = entry.get("content") if isinstance(entry, dict) else entry
-            try:
-                idx = int(key)
-            except ValueError:
-                raise UnreadableInput(f"tokenizer_config.json added_tokens_decoder has a non-integer id "
-                                      f"{key!r}", folder) from None
-            ids.append(idx)
-            if isinstance(content, str):
-                known.setdefault(content, idx)
-        if decoder:
-            sources.append("tokenizer_config.json added_tokens_decoder")
-    if (folder / "added_tokens.json").is_file():
-        added = _read_json(folder / "added_tokens.json")
-        if isinstance(added, dict):
-            for content, idx in added.items():
-                ids.append(int(idx))
-                known.setdefault(content, int(idx))
-            sources.append("added_tokens.json")
+    added = added_tokens(folder)
+    for idx, entry in added.items():
+        ids.append(idx)
+        known.setdefault(entry["content"], idx)
+    if added:
+        sources.append("tokenizer_config.json added_tokens_decoder / added_tokens.json")
     size = max(ids) + 1 if ids else None
     return BaseTokenizer(folder, size, known, sources)
 
@@ -177,9 +180,7 @@ def write_tokenizer_files(plan: TokenPlan, dst: Path) -> list[str]:
     src = plan.base.folder
     names = [t.content for t in plan.tokens]
 
-    cfg = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
-    if not isinstance(cfg, dict):
-        raise UnreadableInput("tokenizer_config.json is not a JSON object", src)
+    cfg = read_json_object(src / "tokenizer_config.json", missing_ok=True)
     decoder = dict(cfg.get("added_tokens_decoder") or {})
     for t in plan.tokens:
         decoder[str(t.id)] = _entry(t.content)
@@ -189,21 +190,17 @@ def write_tokenizer_files(plan: TokenPlan, dst: Path) -> list[str]:
         cfg["extra_special_tokens"] = _extend(cfg["extra_special_tokens"], names)
     _write(dst / "tokenizer_config.json", cfg)
 
-    smap = _read_json(src / "special_tokens_map.json") if (src / "special_tokens_map.json").is_file() else {}
-    if not isinstance(smap, dict):
-        raise UnreadableInput("special_tokens_map.json is not a JSON object", src)
+    smap = read_json_object(src / "special_tokens_map.json", missing_ok=True)
     smap["additional_special_tokens"] = _extend(smap.get("additional_special_tokens"), names)
     _write(dst / "special_tokens_map.json", smap)
 
-    added = _read_json(src / "added_tokens.json") if (src / "added_tokens.json").is_file() else {}
-    if not isinstance(added, dict):
-        raise UnreadableInput("added_tokens.json is not a JSON object", src)
+    added = read_json_object(src / "added_tokens.json", missing_ok=True)
     added.update({t.content: t.id for t in plan.tokens})
     _write(dst / "added_tokens.json", dict(sorted(added.items(), key=lambda kv: kv[1])))
 
     written = ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
     if (src / "tokenizer.json").is_file():
-        tj = _read_json(src / "tokenizer.json")
+        tj = read_json_object(src / "tokenizer.json")
         entries = list(tj.get("added_tokens") or [])
         for t in plan.tokens:
             entries.append({"id": t.id, **{k: v for k, v in _entry(t.content).items()}})

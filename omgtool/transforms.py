@@ -6,7 +6,6 @@ factor of a LoRA on it; the A factor is shared by every piece of a split.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 

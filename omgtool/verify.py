@@ -18,7 +18,6 @@ are synthesized (deterministically); the report says so.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import resource
 import time
@@ -207,13 +206,9 @@ def resolve_base(folder: Path, base: Path | None) -> tuple[Path, str]:
 
 
 def _read_record(path: Path, folder: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UnreadableInput(f"{path.name} is not valid JSON ({exc})", folder) from None
-    return data if isinstance(data, dict) else {}
+    from omgtool.formats.jsonfile import read_json_object
+
+    return read_json_object(path, missing_ok=True)
 
 
 def find_projector(opts: VerifyOptions, adapter_ckpt):
@@ -668,7 +663,6 @@ def _check_merge(run: _Run, merged_logits, ids, base_path, base_source, adapter_
                  precision, placement, stored_dtype):
     import torch
 
-    from omgtool.models.llm import Placement
     from omgtool.models.reference import build_reference
 
     opts = run.opts

@@ -134,7 +134,7 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda name, nbytes: None
-        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, \
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, \
             TimeElapsedColumn, TimeRemainingColumn
 
         from omgtool.console import err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omgtool.errors import UnreadableInput
 from omgtool.formats.base import Checkpoint, SafetyReport, TensorInfo
+from omgtool.formats.jsonfile import read_json_object
 
 __all__ = ["Checkpoint", "SafetyReport", "TensorInfo", "open_checkpoint", "open_file"]
 
@@ -132,10 +133,7 @@ def _folder_configs(folder: Path) -> dict:
     out = {}
     for name in ("config.json", "adapter_config.json"):
         if (folder / name).is_file():
-            try:
-                out[name.removesuffix(".json")] = json.loads((folder / name).read_text())
-            except json.JSONDecodeError as exc:
-                raise UnreadableInput(f"{name} is not valid JSON ({exc})", folder) from None
+            out[name.removesuffix(".json")] = read_json_object(folder / name)
     return out
 
 

@@ -9,11 +9,12 @@ sees the text. `<image>` is not a token: it marks where the visual tokens are sp
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from omgtool.errors import UnreadableInput
+from omgtool.formats.jsonfile import read_json_object
+from omgtool.tokenizer import added_tokens
 
 TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_PLACEHOLDER = "<image>"
@@ -35,15 +36,11 @@ class ChatTokenizer:
             raise UnreadableInput("no tokenizer.model (SentencePiece) in the folder", folder)
         self.sp = spm.SentencePieceProcessor(model_file=str(model))
         self.folder = folder
-        config = _read_json(folder / "tokenizer_config.json")
+        config = read_json_object(folder / "tokenizer_config.json", missing_ok=True)
         self.add_bos = bool(config.get("add_bos_token", True))
         self.added: dict[str, int] = {}
-        for idx, entry in (config.get("added_tokens_decoder") or {}).items():
-            content = entry.get("content") if isinstance(entry, dict) else entry
-            if isinstance(content, str):
-                self.added[content] = int(idx)
-        for content, idx in _read_json(folder / "added_tokens.json").items():
-            self.added.setdefault(content, int(idx))
+        for idx, entry in added_tokens(folder).items():
+            self.added.setdefault(entry["content"], idx)
         self.bos_id = self.sp.bos_id()
         if isinstance(config.get("bos_token"), str) and config["bos_token"] in self.added:
             self.bos_id = self.added[config["bos_token"]]
@@ -83,13 +80,3 @@ class ChatTokenizer:
             else:
                 out.extend(self.sp.encode(part))
         return out
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UnreadableInput(f"{path.name} is not valid JSON ({exc})", path.parent) from None
-    return data if isinstance(data, dict) else {}

@@ -13,7 +13,6 @@ offload into `offload_folder`.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from omgtool.errors import InvalidArgument, MismatchError, UnreadableInput
+from omgtool.formats.jsonfile import read_json_object
 
 NO_SPLIT = ["LlamaDecoderLayer"]
 
@@ -77,10 +77,7 @@ def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise UnreadableInput("no config.json in the model folder", folder)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UnreadableInput(f"config.json is not valid JSON ({exc})", folder) from None
+    return read_json_object(path)
 
 
 def detect_layout(folder: Path, ckpt=None) -> str:
