@@ -28,7 +28,7 @@ from omgtool.errors import InvalidArgument
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class WeightSpec(_Strict):
