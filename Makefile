@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean fixtures
+.PHONY: venv demo test bench-report clean fixtures
 
 venv: $(STAMP)
 
@@ -27,9 +27,12 @@ test: $(STAMP)
 
 fixtures: $(STAMP)
 	$(PY) -m fixtures.generate --out fixtures/tiny
+	$(PY) -m fixtures.llava --out fixtures/tiny
 
-bench: $(STAMP)
-	$(PY) bench/run_all.py
+# The benchmarks are heavy (real-size files under /tmp): run them one by one, e.g.
+# `.venv/bin/python -m bench.bench_inspect`, then assemble docs/benchmarks.md:
+bench-report: $(STAMP)
+	$(PY) -m bench.report
 
 clean:
 	rm -rf $(VENV) build *.egg-info
