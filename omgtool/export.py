@@ -23,6 +23,7 @@ from omgtool import __version__
 from omgtool.errors import CheckFailed, InvalidArgument, MismatchError, UnreadableInput
 from omgtool.formats.jsonfile import read_json_object
 from omgtool.formats.writer import DEFAULT_MAX_SHARD
+from omgtool.sizes import size_on_disk
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes written)
 
@@ -131,7 +132,8 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
     from omgtool.export_tokenizer import TOKENIZER_FILES, check_tokenizer as tokenizer_differences, \
         write_llama_tokenizer
     from omgtool.formats import HF_INDEXES, open_checkpoint
-    from omgtool.formats.writer import atomic_output_dir, parse_size
+    from omgtool.formats.writer import atomic_output_dir
+    from omgtool.sizes import parse_size
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -186,7 +188,7 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
             carried.append(entry)
     if dropped:
         notes.append(f"InternLM2 remote code not carried: {', '.join(dropped)}")
-    carried_bytes = sum(_size(p) for p in carried)
+    carried_bytes = sum(size_on_disk(p) for p in carried)
     max_shard = parse_size(max_shard_size)
     total = sum(t.nbytes for t in model_plan) + sum(t.nbytes for t in extra_plan)
     _free_space(out, total + carried_bytes)
@@ -234,12 +236,6 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
         report.update(files=files, tokenizer=tok, notes=notes)
         _write_json(tmp / PROVENANCE, {"omgtool": __version__, **report})
     return report
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _write_generation_config(src: Path, dst: Path, config: dict[str, Any]) -> None:
@@ -494,7 +490,8 @@ def export_safetensors(path: str | Path, out: str | Path, *, force: bool = False
     from concurrent.futures import ThreadPoolExecutor
 
     from omgtool.formats import open_checkpoint
-    from omgtool.formats.writer import atomic_output_dir, parse_size
+    from omgtool.formats.writer import atomic_output_dir
+    from omgtool.sizes import parse_size
 
     path, out = Path(path), Path(out)
     ckpt = open_checkpoint(path)

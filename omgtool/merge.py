@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 from omgtool import __version__
 from omgtool.errors import CheckFailed, InvalidArgument, MismatchError, UnreadableInput
+from omgtool.sizes import format_size, size_on_disk
 
 MODEL = "model"
 EXTRAS_FILE = "extras.safetensors"
@@ -141,7 +142,7 @@ class MergePlan:
 
     @property
     def carried_bytes(self) -> int:
-        return sum(_size(p) for p in self.carried)
+        return sum(size_on_disk(p) for p in self.carried)
 
     def lora_summary(self) -> dict[str, Any] | None:
         pairs = [i.lora for i in self.items if i.file == MODEL and i.lora is not None]
@@ -182,8 +183,8 @@ class MergePlan:
         else:
             lines.append("LoRA: none (full-tensor replacement only)")
         dt = f"{self.main_dtype} ({'--dtype' if self.out_dtype else 'the base dtype'})"
-        lines.append(f"output: {len(self.model_items())} model tensors, {_gb(self.total_bytes)} in all, dtype {dt}, "
-                     f"shards of at most {_gb(self.max_shard_bytes)}, matmuls on {self.device}")
+        lines.append(f"output: {len(self.model_items())} model tensors, {format_size(self.total_bytes)} in all, dtype {dt}, "
+                     f"shards of at most {format_size(self.max_shard_bytes)}, matmuls on {self.device}")
         if self.vocab.get("output") != self.vocab.get("base"):
             lines.append(f"vocab: {self.vocab.get('base')} -> {self.vocab.get('output')} rows "
                          "(config.json vocab_size updated)")
@@ -290,7 +291,7 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
     """Everything the merge will do, checked; reads metadata only (no tensor data)."""
     from omgtool.formats import open_checkpoint
     from omgtool.formats.dtypes import HF_CONFIG_NAMES, parse_user_dtype
-    from omgtool.formats.writer import parse_size
+    from omgtool.sizes import parse_size
     from omgtool.infer import analyze, lora_scaling, resolve_alpha
     from omgtool.mapping import load_registry, template_regex
     from omgtool.resolve import resolve_base
@@ -882,14 +883,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _gb(n: int) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"

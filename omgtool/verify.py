@@ -109,7 +109,7 @@ def resolve_device(device: str) -> str:
 
 def parse_max_memory(text: str | None) -> dict | None:
     """'0=20GiB,cpu=64GB' -> {0: bytes, 'cpu': bytes} (sizes as merge-lora's --max-shard-size)."""
-    from omgtool.formats.writer import parse_size
+    from omgtool.sizes import parse_size
 
     if not text:
         return None

@@ -20,11 +20,11 @@ import torch
 import transformers  # noqa: F401  (its logger binds to the real stderr before CliRunner swaps it)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from omgtool.cli import app
 from tests.ckpt_builders import data_pkl, tensor_entry, write_torch_zip
 from tests.reference_internlm2 import internlm2_forward
+from tests.cli_helpers import (folder_weights as _folder_weights,
+                                ok as _ok, one_line_error as _one_line_error, run as _run)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures" / "tiny"
@@ -35,35 +35,6 @@ SPEC = json.loads((TINY / "spec.json").read_text())
 P = "llm.base_model.model."
 SCALE = SPEC["lora_alpha"] / SPEC["lora_rank"]  # 32 on the tiny files (mapping default alpha 256)
 NEW_TOKENS = {"[SEG]": 320, "<p>": 321, "</p>": 322, "<region>": 323, "<mark>": 324}
-
-runner = CliRunner()
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _ok(*args):
-    result = _run(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _one_line_error(result, code, *needles):
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(seed))

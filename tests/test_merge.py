@@ -20,10 +20,10 @@ import torch
 import transformers  # noqa: F401  (its logger binds to the real stderr before CliRunner swaps it)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from omgtool.cli import app
 from tests.reference_internlm2 import _rms_norm, _rotate_half, internlm2_forward
+from tests.cli_helpers import (folder_weights as _weights,
+                                ok as _ok, one_line_error as _one_line_error, run as _run)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures" / "tiny"
@@ -37,35 +37,6 @@ P = "llm.base_model.model."
 ALPHA = 256.0  # the mapping default; tiny r = 8, so scale 32
 NEW = ["[SEG]", "<p>", "</p>", "<region>", "<mark>"]
 TARGETS = ["wqkv", "wo", "w1", "w2", "w3", "output"]
-
-runner = CliRunner()
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _ok(*args):
-    result = _run(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _one_line_error(result, code, *needles):
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def _lora(sd) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{InternLM2 weight name: (A, B)} from a finetune state dict."""

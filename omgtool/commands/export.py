@@ -13,6 +13,7 @@ from typing import Any, Optional
 import typer
 
 from omgtool.errors import InvalidArgument, OmgError
+from omgtool.sizes import format_size
 
 TARGETS = ("llama", "peft", "safetensors")
 
@@ -114,14 +115,6 @@ class _progress:
             self.bar.__exit__(*exc)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def render(report: dict[str, Any]) -> None:
     from rich.markup import escape as esc
 
@@ -130,7 +123,7 @@ def render(report: dict[str, Any]) -> None:
     console = out()
     kind = report["kind"]
     console.print(f"[bold]{esc(report['out'])}[/]: {kind} export of {esc(report['source'])}, "
-                  f"{report['num_tensors']} tensors, {_size(report['bytes'])}; headers re-read and match the plan")
+                  f"{report['num_tensors']} tensors, {format_size(report['bytes'])}; headers re-read and match the plan")
     files = report.get("files", [])
     console.print("files: " + esc(", ".join(files[:8]) + (f" … ({len(files)} in all)" if len(files) > 8 else "")))
     if kind == "llama":

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from omgtool.errors import UnsafeInput
+from omgtool.sizes import format_size
 
 MANIFEST_VERSION = 1
 STATS_CHUNK = 1 << 24  # elements per chunk for --stats
@@ -193,14 +194,6 @@ def _stderr():
     return err()
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _count(n: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
@@ -219,7 +212,7 @@ def render(report: dict[str, Any]) -> None:
     console.print(f"[bold]{esc(report['path'])}[/]")
     container = f" (state dict under '{report['container']}')" if report["container"] else ""
     console.print(f"format {report['format']}{container} · {report['num_tensors']} tensors · "
-                  f"{_count(report['num_params'])} params · {_size(report['total_bytes'])} · dtypes "
+                  f"{_count(report['num_params'])} params · {format_size(report['total_bytes'])} · dtypes "
                   + ", ".join(f"{k}×{v}" for k, v in sorted(report["dtypes"].items())))
     console.print(f"family [bold]{arch['family']}[/] · stage [bold]{arch['stage']}[/]"
                   + (f" — {arch['description']}" if arch.get("description") else ""))
@@ -229,7 +222,7 @@ def render(report: dict[str, Any]) -> None:
         groups.add_column(col, justify="right" if col in ("tensors", "params", "bytes") else "left")
     for name, g in report["group_details"].items():
         style = "red" if name == "unexplained" else None
-        groups.add_row(esc(name), str(g["count"]), _count(g["params"]), _size(g["bytes"]), esc(g["description"]),
+        groups.add_row(esc(name), str(g["count"]), _count(g["params"]), format_size(g["bytes"]), esc(g["description"]),
                        style=style)
     console.print(groups)
 

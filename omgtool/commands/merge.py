@@ -161,7 +161,7 @@ class _progress:
 def render(report: dict[str, Any]) -> None:
     from rich.markup import escape as esc
 
-    from omgtool.merge import _gb
+    from omgtool.sizes import format_size
 
     from omgtool.console import out
 
@@ -173,7 +173,7 @@ def render(report: dict[str, Any]) -> None:
     console.print(f"[bold]{esc(report['out'])}[/]: {c['merged']} merged, {c['resized']} resized, "
                   f"{c['replaced']} replaced, {c['copied']} copied"
                   + (f", {c['converted']} converted" if c["converted"] else "")
-                  + f"; {_gb(total)} in {len(weights)} safetensors files, dtype {report['dtype']}, "
+                  + f"; {format_size(total)} in {len(weights)} safetensors files, dtype {report['dtype']}, "
                     f"{report['wall_s']:.1f} s")
     lora = report.get("lora")
     if lora:

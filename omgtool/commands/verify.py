@@ -11,6 +11,7 @@ from typing import Any, Optional
 import typer
 
 from omgtool.errors import CheckFailed
+from omgtool.sizes import format_size
 
 
 def cli(
@@ -75,12 +76,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "—"
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def render(report: dict[str, Any]) -> None:
     from rich.markup import escape as esc
     from rich.table import Table
@@ -102,10 +97,10 @@ def render(report: dict[str, Any]) -> None:
     t = report["timings_s"]
     console.print("timings " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
     m = report["memory"]
-    gpu = (f" · peak GPU {_size(m.get('peak_gpu_allocated_bytes'))}"
+    gpu = (f" · peak GPU {format_size(m.get('peak_gpu_allocated_bytes'))}"
            + (f" ({m['peak_gpu_over_bf16_weights']}x the bf16 weights)" if m.get("peak_gpu_over_bf16_weights")
               else "")) if m.get("peak_gpu_allocated_bytes") is not None else ""
-    console.print(f"memory peak CPU RSS {_size(m['peak_cpu_rss_bytes'])}{gpu}")
+    console.print(f"memory peak CPU RSS {format_size(m['peak_cpu_rss_bytes'])}{gpu}")
     for s in report["synthesized"]:
         console.print(f"[yellow]synthesized:[/] {esc(s)}")
     for n in report["notes"]:

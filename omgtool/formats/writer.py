@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -24,22 +23,6 @@ from omgtool.errors import InvalidArgument, OmgError
 from omgtool.formats.dtypes import ITEMSIZE
 
 DEFAULT_MAX_SHARD = "5GB"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """HF-style sizes: '5GB' = 5*10^9, '200MB', '200KB', '1GiB' = 2^30; plain ints are bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise InvalidArgument(f"cannot read size {text!r}; use e.g. 5GB, 200MB, 200KB")
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()]
-    if value < 1:
-        raise InvalidArgument(f"size {text!r} is too small")
-    return int(value)
 
 
 @dataclass(frozen=True)
