@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.measure import machine
+from bench.measure import machine, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_KEYS = 110
@@ -73,25 +71,6 @@ def generate(path: Path, layers: int, seed: int) -> None:
           flush=True)
 
 
-def run_measured(cmd: list[str], ok_codes=(0, 1)) -> dict:
-    """One child run via bench.measure (its own process, so ru_maxrss covers exactly `cmd`)."""
-    out = subprocess.run([sys.executable, "-m", "bench.measure", "--json", "--", *cmd],
-                         capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring {cmd} failed: {out.stderr[-800:]}")
-    result = json.loads(out.stdout)
-    if result["rc"] not in ok_codes:
-        raise RuntimeError(f"{cmd} exited {result['rc']}: {result['stderr_tail']}")
-    return result
-
-
-def measure(cmd: list[str], repeat: int, ok_codes=(0, 1)) -> dict:
-    runs = [run_measured(cmd, ok_codes) for _ in range(repeat)]
-    return {"wall_s": statistics.median(r["wall_s"] for r in runs),
-            "wall_runs": [round(r["wall_s"], 2) for r in runs],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "rc": runs[0]["rc"]}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -127,7 +106,7 @@ def main() -> None:
          [*omg, str(ckpt_a), str(ckpt_b), "--shapes-only", "--json"], None),
     ]:
         print(f"measuring: {name}", flush=True)
-        r = measure(cmd, args.repeat)
+        r = measure(cmd, args.repeat, ok_codes=(0, 1))
         r["gb_s"] = gb / r["wall_s"] if gb else None
         rows.append((name, cmd, r))
         print(f"  {r}", flush=True)

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.bench_diff import measure
-from bench.measure import machine
+from bench.measure import machine, measure
+from omgtool.sizes import size_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_KEYS = 110
@@ -86,12 +86,6 @@ def generate(workdir: Path, layers: int) -> tuple[Path, Path]:
     return base, ft
 
 
-def _bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -106,7 +100,7 @@ def main() -> None:
     outs = args.workdir / "out"
     shutil.rmtree(outs, ignore_errors=True)
     outs.mkdir()
-    base_gb, ft_gb = _bytes(base) / 1e9, ft.stat().st_size / 1e9
+    base_gb, ft_gb = size_on_disk(base) / 1e9, ft.stat().st_size / 1e9
     subprocess.run(["cat", *map(str, base.glob("*.safetensors")), str(ft)], stdout=subprocess.DEVNULL, check=True)
 
     omg = [sys.executable, "-m", "omgtool.cli", "export"]
@@ -129,9 +123,9 @@ def main() -> None:
          outs / "baseline.safetensors"),
     ]:
         print(f"measuring: {name}", flush=True)
-        r = measure(cmd, args.repeat, ok_codes=(0,))
+        r = measure(cmd, args.repeat)
         r["gb_s"] = gb / r["wall_s"]
-        r["written_gb"] = _bytes(produced) / 1e9
+        r["written_gb"] = size_on_disk(produced) / 1e9
         rows.append((name, r))
         print(f"  {r}", flush=True)
 

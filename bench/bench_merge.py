@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import machine
+from bench.measure import machine, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -60,31 +60,6 @@ with open(out, "wb") as dst:
                 dst.write(block)
 os.remove(out)
 """
-
-
-def measure(cmd: list[str], repeat: int = 2) -> dict:
-    """Run `cmd` `repeat` times as a child process: min wall and min CPU (user + sys) -- the
-    machine is shared, so the fastest run is the least disturbed -- and the max peak RSS, all
-    from os.wait4's rusage of that one child."""
-    import time
-
-    runs = []
-    for _ in range(repeat):
-        import tempfile
-
-        with tempfile.TemporaryFile() as errf:
-            start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf, cwd=ROOT)
-            _, status, ru = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - start
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            errf.seek(0)
-            err = errf.read().decode(errors="replace")
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{cmd} failed: {err[-1500:]}")
-        runs.append({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024})
-    return {"cmd": " ".join(cmd), "wall_s": min(r["wall_s"] for r in runs), "cpu_s": min(r["cpu_s"] for r in runs),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
 
 
 def generate(workdir: Path, layers: int) -> dict[str, Path]:
@@ -122,25 +97,25 @@ def run_layers(data: dict[str, Path], repeat: int, skip_peft: bool) -> dict:
     out = data["dir"] / "out"
     inputs = _files(data["ckpt"]) + [f for f in _files(data["base"]) if f.suffix == ".safetensors"]
     res: dict = {"input_bytes": sum(f.stat().st_size for f in inputs)}
-    res["import_torch"] = measure([PY, "-c", "import torch"], repeat=1)
+    res["import_torch"] = measure([PY, "-c", "import torch"], repeat=1, pick="min")
     _warm(inputs)
     shutil.rmtree(f"{out}-o", ignore_errors=True)
     res["omgtool"] = measure([PY, "-m", "omgtool.cli", "merge-lora", str(data["ckpt"]), "--base", str(data["base"]),
-                              "--out", f"{out}-o", "--force", "--json"], repeat=repeat)
+                              "--out", f"{out}-o", "--force", "--json"], repeat=repeat, pick="min")
     record = json.loads((Path(f"{out}-o") / "omgtool-merge.json").read_text())
     res["output_bytes"] = sum(v["bytes"] for k, v in record["outputs"].items() if k.endswith(".safetensors"))
     res["record_wall_s"] = record["wall_s"]
     rows = record["vocab"]["output"]  # the checkpoint's embedding rows (92548)
     io_files = [str(f) for f in inputs]
     res["io_floor"] = measure([PY, "-c", IO_FLOOR, str(out) + "-io", str(res["output_bytes"]), *io_files],
-                              repeat=repeat)
+                              repeat=repeat, pick="min")
     shutil.rmtree(f"{out}-o", ignore_errors=True)
     if not skip_peft:
         _warm(_files(data["llama"]) + _files(data["adapter"]))
         script = data["dir"] / "peft_path.py"
         script.write_text(PEFT_PATH)
         res["peft"] = measure([PY, str(script), str(data["llama"]), str(data["adapter"]), str(rows), f"{out}-p"],
-                              repeat=repeat)
+                              repeat=repeat, pick="min")
         shutil.rmtree(f"{out}-p", ignore_errors=True)
     return res
 

@@ -1,59 +1,50 @@
-"""Run a command as a child process and report its wall time and peak RSS.
+"""The one way benchmarks measure a command: run it as a child process and read that
+child's own rusage (os.wait4): wall time, CPU time (user + sys), peak RSS.
 
-Each measurement forks a fresh `python -m bench.measure` so RUSAGE_CHILDREN's max RSS
-covers exactly one command. Usable as a library (`measure(cmd)`) or a CLI.
+    measure(cmd, repeat=3)                    # median wall, max peak RSS
+    measure(cmd, repeat=2, pick="min")        # fastest run: the least disturbed on a shared machine
+    measure(cmd, repeat=3, ok_codes=(0, 1))   # diff exits 1 when it finds differences
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
-import sys
+import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run_one(cmd: list[str]) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wall = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024, "rc": proc.returncode,
-            "stderr_tail": proc.stderr.decode(errors="replace")[-500:]}
+def run_once(cmd: list[str], ok_codes=(0,), env: dict | None = None) -> dict:
+    with tempfile.TemporaryFile() as errf:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf, cwd=ROOT,
+                                env={**os.environ, **(env or {})})
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        errf.seek(0)
+        stderr_tail = errf.read().decode(errors="replace")[-1500:]
+    if rc not in ok_codes:
+        raise RuntimeError(f"{cmd} exited {rc}: {stderr_tail}")
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024, "rc": rc}
 
 
-def measure(cmd: list[str], repeat: int = 3, env: dict | None = None) -> dict:
-    """Median wall and max peak RSS over `repeat` runs, each in its own measuring process."""
-    runs = []
-    for _ in range(repeat):
-        out = subprocess.run([sys.executable, "-m", "bench.measure", "--json", "--", *cmd],
-                             capture_output=True, text=True, env={**os.environ, **(env or {})},
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        if out.returncode != 0:
-            raise RuntimeError(f"measuring {cmd} failed: {out.stderr[-800:]}")
-        runs.append(json.loads(out.stdout))
-        if runs[-1]["rc"] != 0:
-            raise RuntimeError(f"{cmd} exited {runs[-1]['rc']}: {runs[-1]['stderr_tail']}")
-    return {"cmd": " ".join(cmd), "wall_s": statistics.median(r["wall_s"] for r in runs),
-            "wall_runs": [round(r["wall_s"], 4) for r in runs],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+def measure(cmd: list[str], repeat: int = 3, *, ok_codes=(0,), pick: str = "median",
+            env: dict | None = None) -> dict:
+    """Wall and CPU time by `pick` ("median" or "min") over `repeat` runs; max peak RSS."""
+    runs = [run_once(cmd, ok_codes, env) for _ in range(repeat)]
+    choose = {"median": statistics.median, "min": min}[pick]
+    return {"cmd": " ".join(cmd), "wall_s": choose(r["wall_s"] for r in runs),
+            "cpu_s": choose(r["cpu_s"] for r in runs), "wall_runs": [round(r["wall_s"], 3) for r in runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "rc": runs[0]["rc"], "runs": runs}
 
 
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, " \
            f"Python {platform.python_version()}, {platform.platform()}"
-
-
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    as_json = args and args[0] == "--json"
-    if as_json:
-        args = args[1:]
-    if args and args[0] == "--":
-        args = args[1:]
-    result = _run_one(args)
-    print(json.dumps(result) if as_json else f"wall {result['wall_s']:.3f} s, peak RSS {result['peak_rss_mb']:.0f} MB")
