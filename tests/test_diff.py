@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,12 +22,7 @@ from omgtool.errors import InvalidArgument
 from omgtool.formats import open_checkpoint
 from tests.ckpt_builders import data_pkl, tensor_entry, write_torch_zip
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures" / "tiny"
-PRETRAIN = FIXTURES / "omg_llava_tiny_pretrain.pth"
-FINETUNE = FIXTURES / "omg_llava_tiny_finetune.pth"
-BASE = FIXTURES / "internlm2-chat-tiny"
-SPEC = json.loads((FIXTURES / "spec.json").read_text())
+from tests.paths import BASE, FINETUNE, PRETRAIN, ROOT, SPEC
 runner = CliRunner()
 
 

@@ -18,10 +18,7 @@ from omgtool.formats import open_checkpoint
 from omgtool.formats.manifest import is_manifest
 from omgtool.infer import analyze
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures" / "tiny"
-FINETUNE = FIXTURES / "omg_llava_tiny_finetune.pth"
-PRETRAIN = FIXTURES / "omg_llava_tiny_pretrain.pth"
+from tests.paths import FINETUNE, PRETRAIN, ROOT, TINY as FIXTURES
 SHIPPED = ROOT / "mappings" / "manifests"
 SHIPPED_PRETRAIN = SHIPPED / "omg_llava_7b_pretrain_8gpus.json"
 SHIPPED_FINETUNE = SHIPPED / "omg_llava_7b_finetune_8gpus.json"

@@ -26,12 +26,7 @@ from tests.reference_internlm2 import internlm2_forward
 from tests.cli_helpers import (folder_weights as _folder_weights,
                                 ok as _ok, one_line_error as _one_line_error, run as _run)
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tiny"
-BASE = TINY / "internlm2-chat-tiny"
-FINETUNE = TINY / "omg_llava_tiny_finetune.pth"
-PRETRAIN = TINY / "omg_llava_tiny_pretrain.pth"
-SPEC = json.loads((TINY / "spec.json").read_text())
+from tests.paths import BASE, FINETUNE, PRETRAIN, SPEC
 P = "llm.base_model.model."
 SCALE = SPEC["lora_alpha"] / SPEC["lora_rank"]  # 32 on the tiny files (mapping default alpha 256)
 NEW_TOKENS = {"[SEG]": 320, "<p>": 321, "</p>": 322, "<region>": 323, "<mark>": 324}

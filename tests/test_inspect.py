@@ -5,7 +5,6 @@ update strengths match plain-torch computations."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ from typer.testing import CliRunner
 from fixtures import generate as gen
 from omgtool.cli import app
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tiny"
-SPEC = json.loads((FIXTURES / "spec.json").read_text())
+from tests.paths import SPEC, TINY as FIXTURES
 runner = CliRunner()
 
 

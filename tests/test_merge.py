@@ -25,12 +25,7 @@ from tests.reference_internlm2 import _rms_norm, _rotate_half, internlm2_forward
 from tests.cli_helpers import (folder_weights as _weights,
                                 ok as _ok, one_line_error as _one_line_error, run as _run)
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tiny"
-BASE = TINY / "internlm2-chat-tiny"
-FINETUNE = TINY / "omg_llava_tiny_finetune.pth"
-PRETRAIN = TINY / "omg_llava_tiny_pretrain.pth"
-SPEC = json.loads((TINY / "spec.json").read_text())
+from tests.paths import BASE, FINETUNE, PRETRAIN, SPEC
 V = SPEC["vocab_size"]  # 320
 ROWS = SPEC["ckpt_vocab_size"]  # 324
 P = "llm.base_model.model."

@@ -20,9 +20,7 @@ from omgtool.errors import UnreadableInput
 from omgtool.formats import open_checkpoint
 from tests.ckpt_builders import data_pkl, simple_state, tensor_entry, write_torch_zip
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tiny"
-FINETUNE = FIXTURES / "omg_llava_tiny_finetune.pth"
-BASE = FIXTURES / "internlm2-chat-tiny"
+from tests.paths import BASE, FINETUNE
 runner = CliRunner()
 
 

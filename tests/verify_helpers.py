@@ -17,11 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tiny"
-TINY_BASE = TINY / "internlm2-chat-tiny"
-TINY_FINETUNE = TINY / "omg_llava_tiny_finetune.pth"
-TINY_PRETRAIN = TINY / "omg_llava_tiny_pretrain.pth"
+from tests.paths import BASE as TINY_BASE, FINETUNE as TINY_FINETUNE, PRETRAIN as TINY_PRETRAIN  # noqa: F401 (re-exported)
 ADDED = ["[SEG]", "<p>", "</p>", "<region>", "<mark>"]
 PEFT_PREFIX = "llm.base_model.model."
 
