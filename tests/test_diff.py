@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fixtures import generate as gen
 from omgtool.cli import app
-from omgtool.compare import Tolerance, compare_values, pair_keys
+from omgtool.ops.diff import Tolerance, compare_values, pair_keys
 from omgtool.errors import InvalidArgument
 from omgtool.formats import open_checkpoint
 from tests.ckpt_builders import data_pkl, tensor_entry, write_torch_zip
@@ -282,8 +282,8 @@ def test_lora_b_of_output_rows_added(tmp_path):
 # --- library: pairing, streaming ---------------------------------------------------------------
 
 def test_pairing_ambiguous_canonical_falls_back_to_exact_names():
-    from omgtool.infer import detect_family
-    from omgtool.mapping import load_registry
+    from omgtool.arch.infer import detect_family
+    from omgtool.arch.mapping import load_registry
 
     keys = ["llm.model.tok_embeddings.weight", "llm.base_model.model.model.tok_embeddings.weight",
             "projector.model.query_proj.weight"]
@@ -299,7 +299,7 @@ def test_pairing_ambiguous_canonical_falls_back_to_exact_names():
 
 def test_blocks_and_chunks_across_boundaries(tmp_path, monkeypatch):
     """Small blocks/chunks, mixed dtypes (bf16 vs fp32), a strided view: same deltas as torch."""
-    import omgtool.compare as compare
+    import omgtool.ops.diff as compare
 
     monkeypatch.setattr(compare, "BLOCK_ELEMENTS", 1000)
     monkeypatch.setattr(compare, "CHUNK_ELEMENTS", 333)
@@ -327,7 +327,7 @@ def test_peak_rss_is_bounded_by_blocks_not_tensors(tmp_path):
     torch.save({"big": a}, tmp_path / "b.pth")
     del a
     # VmHWM: this process's own peak (ru_maxrss would carry pytest's peak across fork + exec)
-    code = ("import sys; from omgtool.compare import diff_paths; "
+    code = ("import sys; from omgtool.ops.diff import diff_paths; "
             "r = diff_paths(sys.argv[1], sys.argv[2]); "
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
             "print(r['value_changed'][0]['differing'], hwm, 'torch' in sys.modules)")

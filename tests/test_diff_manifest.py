@@ -16,7 +16,7 @@ from omgtool.cli import app
 from omgtool.errors import InvalidArgument, UnreadableInput
 from omgtool.formats import open_checkpoint
 from omgtool.formats.manifest import is_manifest
-from omgtool.infer import analyze
+from omgtool.arch.infer import analyze
 
 from tests.paths import FINETUNE, PRETRAIN, ROOT, TINY as FIXTURES
 SHIPPED = ROOT / "mappings" / "manifests"

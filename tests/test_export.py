@@ -136,7 +136,8 @@ def test_llama_export_loads_without_remote_code_and_matches_reference(work):
 
 def test_wrong_qkv_split_fails_the_logits_check(work, tmp_path, monkeypatch):
     """Contiguous q/k/v rows (the classic mistake) load fine but give wrong logits."""
-    from omgtool import export, transforms
+    from omgtool.ops import export
+    from omgtool.kernels import transforms
 
     def contiguous(t, *, num_heads, num_kv_heads, head_dim, **_):
         q, kv = num_heads * head_dim, num_kv_heads * head_dim
@@ -211,7 +212,7 @@ def test_byte_fallback_tokenizer_uses_llama_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     from fixtures.generate import tokenizer_corpus
-    from omgtool.export_tokenizer import write_llama_tokenizer
+    from omgtool.ops.tokenizer_export import write_llama_tokenizer
 
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -500,7 +501,7 @@ def test_merge_lora_output_exports_and_agrees_with_the_adapter(work, tmp_path):
     """merge-lora's own output (bf16) -> llama: exact against the reference forward on its
     weights; the default-dtype adapter's saved lm_head/embeddings are bit-identical to it,
     and unmerged logits differ only by the bf16 rounding of the merged weights."""
-    from omgtool.merge import plan_merge, run_merge
+    from omgtool.ops.merge import plan_merge, run_merge
 
     merged = tmp_path / "merged"
     run_merge(plan_merge(FINETUNE, BASE), merged)

@@ -379,7 +379,7 @@ def test_partial_lora_and_base_found_by_name(work, tmp_path, monkeypatch):
 
 
 def test_base_resolution_order_and_hf_cache(tmp_path, monkeypatch):
-    from omgtool.resolve import resolve_base
+    from omgtool.formats.resolve import resolve_base
 
     cache = tmp_path / "hub"
     snap = cache / "models--internlm--internlm2-chat-tiny" / "snapshots" / ("a" * 40)
@@ -524,7 +524,7 @@ def test_interrupted_or_failed_write_leaves_nothing(tmp_path, monkeypatch):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "old.txt").write_text("previous")
     monkeypatch.setattr(ShardedSafetensorsWriter, "write_rows", real)
-    import omgtool.merge as merge_mod
+    import omgtool.ops.merge as merge_mod
 
     def boom(plan, report):
         raise RuntimeError("disk full")

@@ -29,7 +29,7 @@ def shuffle_oracle(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def test_pixel_shuffle_matches_training_channel_order():
-    from omgtool.models.pixel_shuffle import grid_tokens, pixel_shuffle
+    from omgtool.verify.models.pixel_shuffle import grid_tokens, pixel_shuffle
 
     x = torch.randn(2, 6, 8, 4, generator=torch.Generator().manual_seed(1))
     got = pixel_shuffle(x, 2)
@@ -45,7 +45,7 @@ def test_pixel_shuffle_channel_order_mistakes_are_caught():
     """torch's pixel_unshuffle ((c, rh, rw) order) and a (rw, rh, c) permutation hold the same numbers
     in another order: the oracle tells them apart, and the projector's first layer sees different
     inputs (its output changes), so a wrong order cannot pass as right."""
-    from omgtool.models.pixel_shuffle import pixel_shuffle
+    from omgtool.verify.models.pixel_shuffle import pixel_shuffle
 
     x = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(2))
     right = shuffle_oracle(x, 2)
@@ -61,7 +61,7 @@ def test_pixel_shuffle_channel_order_mistakes_are_caught():
 
 
 def test_pixel_shuffle_rejects_odd_maps():
-    from omgtool.models.pixel_shuffle import pixel_shuffle
+    from omgtool.verify.models.pixel_shuffle import pixel_shuffle
 
     with pytest.raises(ValueError):
         pixel_shuffle(torch.zeros(1, 2, 5, 4), 2)
@@ -77,7 +77,7 @@ def _read_pth(path):
 
 @pytest.mark.parametrize("path", [TINY_PRETRAIN, TINY_FINETUNE])
 def test_projector_against_functional_oracle(path):
-    from omgtool.models.projector import load_projector, load_text2vision
+    from omgtool.verify.models.projector import load_projector, load_text2vision
 
     sd = load_ckpt(path)
     ckpt = _read_pth(path)
@@ -113,7 +113,7 @@ def test_preprocess_pads_to_square_resizes_and_normalizes():
     import numpy as np
     from PIL import Image
 
-    from omgtool.models.preprocess import CLIP_MEAN, CLIP_STD, preprocess, test_image
+    from omgtool.verify.models.preprocess import CLIP_MEAN, CLIP_STD, preprocess, test_image
 
     a, b = test_image(), test_image()
     assert a.size == (640, 480) and np.array_equal(np.asarray(a), np.asarray(b))  # deterministic
@@ -132,7 +132,7 @@ def test_preprocess_pads_to_square_resizes_and_normalizes():
 
 def test_load_image_errors(tmp_path):
     from omgtool.errors import UnreadableInput
-    from omgtool.models.preprocess import load_image
+    from omgtool.verify.models.preprocess import load_image
 
     bad = tmp_path / "x.png"
     bad.write_bytes(b"not an image")
@@ -147,7 +147,7 @@ def test_load_image_errors(tmp_path):
 def test_chat_tokenizer_against_sentencepiece(tmp_path):
     import sentencepiece as spm
 
-    from omgtool.models.chat import IMAGE_TOKEN_INDEX, ChatTokenizer, chat_prompt
+    from omgtool.verify.models.chat import IMAGE_TOKEN_INDEX, ChatTokenizer, chat_prompt
     from tests.verify_helpers import write_tokenizer
 
     write_tokenizer(TINY_BASE, tmp_path, 320)
@@ -171,7 +171,7 @@ def test_reduced_width_tower_and_weight_layouts(tmp_path):
     the OMG-Seg checkpoint layout load back (keys renamed by the mapping) and reproduce the features."""
     from safetensors.torch import save_file
 
-    from omgtool.models.vision import build_tower, load_vision_weights, trunk_last_stage
+    from omgtool.verify.models.vision import build_tower, load_vision_weights, trunk_last_stage
 
     tower, info = build_tower(32)
     assert info.reduced_width and info.random_init and info.stage_channels == [4, 8, 16, 32]
@@ -205,7 +205,7 @@ def test_vision_weights_that_do_not_fit(tmp_path):
     from safetensors.torch import save_file
 
     from omgtool.errors import MismatchError
-    from omgtool.models.vision import build_tower, load_vision_weights
+    from omgtool.verify.models.vision import build_tower, load_vision_weights
 
     small, _ = build_tower(32)
     save_file({f"visual.{k}": v for k, v in small.state_dict().items()}, str(tmp_path / "w.safetensors"))
@@ -222,7 +222,7 @@ def test_full_size_tower_is_open_clip_convnext_large():
     state dict equals timm's convnext_large (the family the reduced towers are built from)."""
     import timm
 
-    from omgtool.models.vision import build_tower
+    from omgtool.verify.models.vision import build_tower
 
     tower, info = build_tower(1536)
     assert not info.reduced_width and info.stage_channels == [192, 384, 768, 1536]
@@ -238,7 +238,7 @@ IDS = [1, 319, 164, 283, 20, 18, 5, 242, 318, 283, 319, 165, 283]
 
 
 def test_internlm2_folder_becomes_llama_with_oracle_logits():
-    from omgtool.models.llm import Placement, load_llm
+    from omgtool.verify.models.llm import Placement, load_llm
 
     model, info = load_llm(TINY_BASE, torch.float32, Placement("cpu"))
     assert info.layout == "internlm2" and info.vocab_size == 320 and type(model).__name__ == "LlamaForCausalLM"
@@ -252,9 +252,9 @@ def test_reference_is_base_plus_unmerged_lora():
     """PEFT LoRA layers on the Llama layout (wqkv B split by the grouped rows, A shared) equal the
     InternLM2 oracle with the LoRA applied unmerged on the fused wqkv."""
     from omgtool.formats import open_checkpoint
-    from omgtool.infer import analyze
-    from omgtool.models.llm import Placement
-    from omgtool.models.reference import build_reference
+    from omgtool.arch.infer import analyze
+    from omgtool.verify.models.llm import Placement
+    from omgtool.verify.models.reference import build_reference
 
     ad = open_checkpoint(TINY_FINETUNE)
     model, info, _ = build_reference(TINY_BASE, ad, analyze(ad), torch.float32, Placement("cpu"))
@@ -280,7 +280,7 @@ def test_device_map_split_gives_the_unsplit_logits(tmp_path):
     """--device-map auto with a max_memory limit: accelerate places part of the tiny model on the CPU
     and offloads the rest to disk; the logits equal the unsplit run (InternLM2 in memory, and a Llama
     folder through from_pretrained)."""
-    from omgtool.models.llm import Placement, load_llm
+    from omgtool.verify.models.llm import Placement, load_llm
     from tests.verify_helpers import build_merged
 
     llama = build_merged(tmp_path / "llama", layout="llama")

@@ -121,8 +121,8 @@ def test_gpu_budget_decides_placement(monkeypatch):
     accelerate with the GPU capped at the budget. The CPU is never capped."""
     from pathlib import Path
 
-    import omgtool.verify as V
-    from omgtool.models.llm import Placement
+    import omgtool.verify.run as V
+    from omgtool.verify.models.llm import Placement
 
     run = V._Run(V.VerifyOptions(folder=Path(".")))
     llm_params, lora_params = 7_740_000_000, 1_260_000_000

@@ -18,7 +18,7 @@ from tests.verify_helpers import (FT, TINY_BASE, TINY_PRETRAIN, build_merged, fo
 
 
 def test_llama_export_through_omgtool_export(folders, good_run):
-    from omgtool.export import export_llama
+    from omgtool.ops.export import export_llama
 
     out = folders["root"] / "export"
     export_llama(folders["merged"], out)
@@ -81,8 +81,8 @@ def test_pretrain_merge_and_human_output(folders, tmp_path):
 
 
 def test_image_vision_weights_and_missing_seg_token(folders, tmp_path):
-    from omgtool.models.preprocess import test_image
-    from omgtool.models.vision import build_tower
+    from omgtool.verify.models.preprocess import test_image
+    from omgtool.verify.models.vision import build_tower
 
     test_image(300, 500).save(tmp_path / "img.png")
     tower, _ = build_tower(32)
@@ -105,11 +105,11 @@ def test_multimodal_path_against_an_independent_oracle(folders):
     from safetensors.torch import load_file
 
     from omgtool.formats import open_checkpoint
-    from omgtool.models.llm import Placement, load_llm
-    from omgtool.models.preprocess import preprocess, test_image
-    from omgtool.models.projector import load_projector
-    from omgtool.models.vision import build_tower, trunk_last_stage
-    from omgtool.verify import splice_image, visual_tokens
+    from omgtool.verify.models.llm import Placement, load_llm
+    from omgtool.verify.models.preprocess import preprocess, test_image
+    from omgtool.verify.models.projector import load_projector
+    from omgtool.verify.models.vision import build_tower, trunk_last_stage
+    from omgtool.verify.run import splice_image, visual_tokens
     from tests.reference_internlm2 import internlm2_forward
     from tests.test_models import shuffle_oracle
 

@@ -226,7 +226,7 @@ def find_projector(opts: VerifyOptions, adapter_ckpt):
 
 
 def find_tokenizer(folder: Path, base: Path | None):
-    from omgtool.models.chat import ChatTokenizer
+    from omgtool.verify.models.chat import ChatTokenizer
 
     for cand in (folder, base):
         if cand is not None and (Path(cand) / "tokenizer.model").is_file():
@@ -236,7 +236,7 @@ def find_tokenizer(folder: Path, base: Path | None):
 
 def encode_prompt(tok, user_input: str, vocab: int, run: _Run) -> tuple[list[int], int | None]:
     """Ids of the chat prompt plus the answer with one [SEG]; ([ids], seg id)."""
-    from omgtool.models.chat import SEG_TOKEN, chat_prompt
+    from omgtool.verify.models.chat import SEG_TOKEN, chat_prompt
 
     seg = tok.token_id(SEG_TOKEN)
     if seg is not None:
@@ -260,7 +260,7 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
 
     import torch
 
-    from omgtool.lora import _exact_matmul
+    from omgtool.kernels.lora import _exact_matmul
 
     opts.folder = Path(opts.folder)
     if not opts.folder.is_dir():
@@ -275,7 +275,7 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
         raise InvalidArgument("--tolerance must be positive")
     device = resolve_device(opts.device)
     run = _Run(opts)
-    from omgtool.models.llm import Placement
+    from omgtool.verify.models.llm import Placement
 
     placement = Placement(device=device, device_map=opts.device_map, max_memory=opts.max_memory,
                           offload_folder=str(opts.offload_folder) if opts.offload_folder else None)
@@ -326,8 +326,8 @@ def _verify(run: _Run, placement) -> dict[str, Any]:
 
     from omgtool.formats import open_checkpoint
     from omgtool.formats.dtypes import torch_dtype
-    from omgtool.infer import analyze
-    from omgtool.models.llm import detect_layout, load_llm
+    from omgtool.arch.infer import analyze
+    from omgtool.verify.models.llm import detect_layout, load_llm
 
     opts = run.opts
     device = placement.device
@@ -439,7 +439,7 @@ def _device_name(device: str) -> str:
 def _forward(model, placement, *, input_ids=None, inputs_embeds=None, hidden: bool = False):
     import torch
 
-    from omgtool.models.llm import input_device
+    from omgtool.verify.models.llm import input_device
 
     dev = input_device(model, placement)
     kwargs: dict[str, Any] = {"use_cache": False}
@@ -510,8 +510,8 @@ def visual_tokens(tower, projector, pixels, ratio: int, num_queries: int, query_
 
     import torch
 
-    from omgtool.models.pixel_shuffle import grid_tokens, pixel_shuffle
-    from omgtool.models.vision import trunk_last_stage
+    from omgtool.verify.models.pixel_shuffle import grid_tokens, pixel_shuffle
+    from omgtool.verify.models.vision import trunk_last_stage
 
     timed = timed or (lambda name: contextlib.nullcontext())
     with timed("forward_vision"):
@@ -539,11 +539,11 @@ def splice_image(text_emb, visual, pos: int):
 def _check_multimodal(run: _Run, model, placement, tok, proj_ckpt, proj_source, info, dtype, report):
     import torch
 
-    from omgtool.infer import analyze
-    from omgtool.models.chat import IMAGE_TOKEN_INDEX
-    from omgtool.models.preprocess import load_image, preprocess, test_image
-    from omgtool.models.projector import load_projector, load_text2vision
-    from omgtool.models.vision import STRIDE, build_tower, load_vision_weights
+    from omgtool.arch.infer import analyze
+    from omgtool.verify.models.chat import IMAGE_TOKEN_INDEX
+    from omgtool.verify.models.preprocess import load_image, preprocess, test_image
+    from omgtool.verify.models.projector import load_projector, load_text2vision
+    from omgtool.verify.models.vision import STRIDE, build_tower, load_vision_weights
 
     opts = run.opts
     device = placement.device
@@ -663,7 +663,7 @@ def _check_merge(run: _Run, merged_logits, ids, base_path, base_source, adapter_
                  precision, placement, stored_dtype):
     import torch
 
-    from omgtool.models.reference import build_reference
+    from omgtool.verify.models.reference import build_reference
 
     opts = run.opts
     if not analysis.lora_pairs:
@@ -756,7 +756,7 @@ def capped_placement(run: _Run, placement, need: int):
     layer by layer at each forward)."""
     import torch
 
-    from omgtool.models.llm import Placement
+    from omgtool.verify.models.llm import Placement
 
     if placement.device_map is not None or not placement.device.startswith("cuda"):
         return placement

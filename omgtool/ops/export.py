@@ -5,7 +5,7 @@ Every export plans its output first (names, shapes, dtypes), checks the inputs f
 disk has room, streams tensors one at a time into an atomic output, then re-reads the
 written headers and compares them with the plan (a mismatch raises CheckFailed, exit 1).
 Names, renames and splits come from `mappings/conv_internlm2_to_llama.toml` through
-`omgtool.convert` / `omgtool.transforms`; LoRA numerics from `omgtool.lora`.
+`omgtool.arch.convert` / `omgtool.kernels.transforms`; LoRA numerics from `omgtool.kernels.lora`.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
                  check_tokenizer: bool = True, progress: Progress = _noop) -> dict[str, Any]:
     """Write `out`, a LlamaForCausalLM folder, from the InternLM2 HF folder `src` (the base, or
     merge-lora's output). Returns the report (also written to out/omgtool-export.json)."""
-    from omgtool.convert import head_params, internlm2_to_llama, iter_converted, llama_config_dict, plan_conversion
-    from omgtool.export_tokenizer import TOKENIZER_FILES, check_tokenizer as tokenizer_differences, \
+    from omgtool.arch.convert import head_params, internlm2_to_llama, iter_converted, llama_config_dict, plan_conversion
+    from omgtool.ops.tokenizer_export import TOKENIZER_FILES, check_tokenizer as tokenizer_differences, \
         write_llama_tokenizer
     from omgtool.formats import HF_INDEXES, open_checkpoint
     from omgtool.formats.writer import atomic_output_dir
@@ -255,12 +255,12 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
     finetune checkpoint. wqkv's LoRA becomes q/k/v LoRAs with A shared and B's rows split by
     the grouped layout; trained full weights (embeddings, lm_head) become modules_to_save,
     with a LoRA on such a module folded into it (W + scale*B@A in fp32, rounded once)."""
-    from omgtool.convert import head_params, internlm2_to_llama
+    from omgtool.arch.convert import head_params, internlm2_to_llama
     from omgtool.formats import open_checkpoint
     from omgtool.formats.dtypes import torch_dtype
     from omgtool.formats.writer import atomic_output_dir
-    from omgtool.infer import analyze, lora_scaling, resolve_alpha
-    from omgtool.transforms import apply, convert_name, transform_shapes
+    from omgtool.arch.infer import analyze, lora_scaling, resolve_alpha
+    from omgtool.kernels.transforms import apply, convert_name, transform_shapes
 
     ckpt_path, base_llama, out = Path(ckpt_path), Path(base_llama), Path(out)
     ckpt = open_checkpoint(ckpt_path)
@@ -370,7 +370,7 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
     folded = [p.weight for _, _, p, _ in jobs if p is not None]
 
     def tensors():  # yields in plan order: saved modules, then LoRA pairs
-        from omgtool.lora import merge_lora
+        from omgtool.kernels.lora import merge_lora
 
         for conv, key, pair, dt in jobs:
             w = ckpt.read(key)

@@ -45,7 +45,7 @@ class ArchitectureMapping(_Strict):
     description: str
     groups: dict[str, str] = Field(default_factory=dict)  # group -> what it is for
     defaults: dict[str, Any] = Field(default_factory=dict)  # assumptions, each with a *_source
-    derive: list[str] = Field(default_factory=list)  # named derivations in omgtool.infer
+    derive: list[str] = Field(default_factory=list)  # named derivations in omgtool.arch.infer
     layer_count_key: str | None = None  # config.json key for the layer count
     weights: list[WeightSpec]
 
@@ -154,7 +154,7 @@ class FamilyMapping(_Strict):
 class RenameRule(_Strict):
     source: str  # template in the source architecture
     target: str | list[str]  # template(s) in the target architecture
-    transform: str = "identity"  # named transform in omgtool.transforms
+    transform: str = "identity"  # named transform in omgtool.kernels.transforms
 
 
 class ConfigRewrite(_Strict):
@@ -239,7 +239,7 @@ class Registry:
 def mappings_dir() -> Path:
     env = os.environ.get("OMGTOOL_MAPPINGS")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parent.parent / "mappings",
+    candidates += [Path(__file__).resolve().parents[2] / "mappings",
                    Path(sys.prefix) / "share" / "omgtool" / "mappings"]
     for candidate in candidates:
         if candidate.is_dir():

@@ -1,6 +1,6 @@
 """`omgtool export SRC --to llama|peft|safetensors --out PATH`.
 
-The library is `omgtool.export` (export_llama, export_peft, export_safetensors); this
+The library is `omgtool.ops.export` (export_llama, export_peft, export_safetensors); this
 module is the command line: options, a progress bar on stderr, the summary.
 """
 
@@ -56,8 +56,8 @@ def cli(
     Exit codes: 0 ok, 1 the written output does not match its plan, 2 unreadable input or bad
     arguments, 3 unsafe pickle refused.
     """
-    from omgtool import export as lib
-    from omgtool.console import emit_json
+    from omgtool.ops import export as lib
+    from omgtool.cli.output import emit_json
 
     target = to.strip().lower()
     try:
@@ -102,7 +102,7 @@ class _progress:
             return lambda name, nbytes: None
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-        from omgtool.console import err
+        from omgtool.cli.output import err
 
         self.bar = Progress(TextColumn("export"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                             transient=True, console=err())
@@ -118,7 +118,7 @@ class _progress:
 def render(report: dict[str, Any]) -> None:
     from rich.markup import escape as esc
 
-    from omgtool.console import out
+    from omgtool.cli.output import out
 
     console = out()
     kind = report["kind"]

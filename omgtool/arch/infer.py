@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from omgtool.errors import InvalidArgument
 from omgtool.formats.base import Checkpoint
-from omgtool.mapping import ArchitectureMapping, FamilyMapping, KeyMatch, Registry, load_registry, match_keys
+from omgtool.arch.mapping import ArchitectureMapping, FamilyMapping, KeyMatch, Registry, load_registry, match_keys
 
 
 @dataclass(frozen=True)

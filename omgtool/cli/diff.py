@@ -1,6 +1,6 @@
 """`omgtool diff A B`: what changed between two checkpoints, or a checkpoint and a manifest.
 
-The library is `omgtool.compare` (pairing, streaming value deltas); this module is the
+The library is `omgtool.ops.diff` (pairing, streaming value deltas); this module is the
 command line and the human-readable rendering.
 """
 
@@ -49,8 +49,8 @@ def cli(
     Exit codes: 0 no differences (within tolerance), 1 differences found, 2 unreadable input
     or bad arguments, 3 unsafe pickle refused.
     """
-    from omgtool.compare import Tolerance, diff_sides, open_side
-    from omgtool.console import emit_json
+    from omgtool.ops.diff import Tolerance, diff_sides, open_side
+    from omgtool.cli.output import emit_json
 
     tol = Tolerance(atol=atol, rtol=rtol)
     try:
@@ -88,7 +88,7 @@ class _Progress:
             return
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from omgtool.console import err
+        from omgtool.cli.output import err
 
         self.bar = Progress(TextColumn("comparing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                             transient=True, console=err())
@@ -122,7 +122,7 @@ def render(report: dict[str, Any], show: int = DEFAULT_SHOWN) -> None:
     from rich.markup import escape as esc
     from rich.table import Table
 
-    from omgtool.console import out
+    from omgtool.cli.output import out
 
     console = out()
     for label in ("a", "b"):

@@ -1,6 +1,6 @@
 """Compare two checkpoints, or a checkpoint and a shape manifest: `omgtool diff` as a library.
 
-    from omgtool.compare import diff_paths, Tolerance
+    from omgtool.ops.diff import diff_paths, Tolerance
     report = diff_paths("omg_llava_7b_pretrain_8gpus.pth", "omg_llava_7b_finetune_8gpus.pth")
     report["differences"], report["value_changed"][0]["a"], report["value_changed"][0]["b"]
 
@@ -452,7 +452,7 @@ def compare_values(ckpt_a: Checkpoint, info_a: TensorInfo, ckpt_b: Checkpoint, i
 class Side:
     path: Path
     ckpt: Checkpoint
-    analysis: Any  # omgtool.infer.Analysis
+    analysis: Any  # omgtool.arch.infer.Analysis
     manifest: bool
 
     @property
@@ -473,7 +473,7 @@ def open_side(path: str | Path, family: str | None = None) -> Side:
     """Open a checkpoint or manifest (metadata only) and match its keys to the mappings."""
     from omgtool.formats import open_checkpoint
     from omgtool.formats.manifest import is_manifest
-    from omgtool.infer import analyze
+    from omgtool.arch.infer import analyze
 
     ckpt = open_checkpoint(path)
     return Side(Path(path), ckpt, analyze(ckpt, family=family), is_manifest(ckpt))
@@ -615,7 +615,7 @@ def _compare_bytes(ia: TensorInfo, ib: TensorInfo, rows: int | None) -> int:
 
 def _check_hash(a: Side, b: Side) -> dict[str, Any]:
     """sha256 of the checkpoint's files against the manifest's recorded sha256."""
-    from omgtool.commands.inspect import sha256_files
+    from omgtool.cli.inspect import sha256_files
 
     for manifest, other in ((a, b), (b, a)):
         expected = manifest.ckpt.metadata.get("sha256") if manifest.manifest else None

@@ -2,15 +2,15 @@
 
 Library use, without the CLI::
 
-    from omgtool.merge import plan_merge, run_merge
+    from omgtool.ops.merge import plan_merge, run_merge
     plan = plan_merge("omg_llava_7b_finetune_8gpus.pth", "internlm2-chat-7b")
     print(plan.describe())            # what --dry-run prints; nothing is written
     report = run_merge(plan, "merged/")
 
 Generic over families through `mappings/`: the components whose `merge_target` is "model"
 (the family's `llm`) name their weights with the base model's own key names
-(`KeyMatch.weight`); LoRA pairs come from `omgtool.infer.find_lora_pairs`, alpha from
-`omgtool.infer.resolve_alpha`. For each base weight, in the base's own order:
+(`KeyMatch.weight`); LoRA pairs come from `omgtool.arch.infer.find_lora_pairs`, alpha from
+`omgtool.arch.infer.resolve_alpha`. For each base weight, in the base's own order:
 
 - merged:   W' = W + (alpha/r) B @ A, in float32 (no TF32), rounded once to the output dtype
 - replaced: a full tensor of the checkpoint takes the base tensor's place (trained in full);
@@ -99,12 +99,12 @@ class MergeItem:
 @dataclass
 class MergePlan:
     checkpoint: Path
-    base: Any  # omgtool.resolve.ResolvedBase
+    base: Any  # omgtool.formats.resolve.ResolvedBase
     family: str
     stage: str | None
     items: list[MergeItem]  # model tensors in the base's order, then side-file tensors
     config: dict[str, Any]  # the output config.json
-    tokens: Any  # omgtool.tokenizer.TokenPlan
+    tokens: Any  # omgtool.formats.tokenizer_files.TokenPlan
     carried: list[Path]  # base files copied as they are
     alpha: float | None
     alpha_source: str
@@ -292,10 +292,10 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
     from omgtool.formats import open_checkpoint
     from omgtool.formats.dtypes import HF_CONFIG_NAMES, parse_user_dtype
     from omgtool.sizes import parse_size
-    from omgtool.infer import analyze, lora_scaling, resolve_alpha
-    from omgtool.mapping import load_registry, template_regex
-    from omgtool.resolve import resolve_base
-    from omgtool.tokenizer import plan_tokens
+    from omgtool.arch.infer import analyze, lora_scaling, resolve_alpha
+    from omgtool.arch.mapping import load_registry, template_regex
+    from omgtool.formats.resolve import resolve_base
+    from omgtool.formats.tokenizer_files import plan_tokens
 
     checkpoint = Path(checkpoint)
     out_dtype = parse_user_dtype(dtype) if dtype else None
@@ -362,7 +362,7 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
     model_matches = [m for m in analysis.matches.values() if m.component in model_comps]
 
     # LoRA factors on modules no mapping explains cannot be merged: refuse rather than carry them.
-    from omgtool.mapping import split_peft
+    from omgtool.arch.mapping import split_peft
 
     stray = [k for k in analysis.unexplained if split_peft(k)[1] in ("lora_A", "lora_B") or ".lora_" in k]
     if stray:
@@ -648,13 +648,13 @@ def _chunk_rows(shape: tuple[int, ...], device: str) -> int:
 
 def _blocks(item: MergeItem, ckpt, base, device: str):
     """The output tensor as row blocks of its dtype: W + scale * B @ A through
-    omgtool.lora.merge_lora per block, or the source rows (converted if --dtype says so).
+    omgtool.kernels.lora.merge_lora per block, or the source rows (converted if --dtype says so).
 
     Every block re-reads its views and the previous mappings are dropped (Checkpoint.close),
     so the pages of a 92548-row table are released as the merge moves down it: resident
     memory holds about two blocks of the source, never the whole table."""
     from omgtool.formats.dtypes import torch_dtype
-    from omgtool.lora import merge_lora
+    from omgtool.kernels.lora import merge_lora
 
     source = ckpt if item.source == "checkpoint" else base
     n = item.shape[0]
@@ -686,8 +686,8 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
     from omgtool.formats.writer import PlannedTensor, ShardedSafetensorsWriter, atomic_output_dir, \
         check_free_space, verify_written
     from omgtool.formats.dtypes import torch_dtype
-    from omgtool.lora import delta_norm
-    from omgtool.tokenizer import write_tokenizer_files
+    from omgtool.kernels.lora import delta_norm
+    from omgtool.formats.tokenizer_files import write_tokenizer_files
 
     out = Path(out)
     if out.exists() and not force:
@@ -845,7 +845,7 @@ def _report(plan: MergePlan, out: Path, started, deltas, files, token_files, has
 
 
 def _readme(plan: MergePlan, report: dict[str, Any]) -> str:
-    from omgtool.tokenizer import readme_section
+    from omgtool.formats.tokenizer_files import readme_section
 
     lora = report["lora"]
     lines = [f"# {plan.base.path.name} + {plan.checkpoint.name} (merged by omgtool merge-lora)", "",

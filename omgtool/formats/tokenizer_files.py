@@ -22,7 +22,7 @@ from typing import Any
 
 from omgtool.errors import MismatchError, UnreadableInput
 from omgtool.formats.jsonfile import read_json_object
-from omgtool.mapping import TokensSpec
+from omgtool.arch.mapping import TokensSpec
 
 #: Files this module rewrites when tokens are registered (the rest of the base is carried).
 WRITTEN_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
@@ -103,7 +103,7 @@ def read_base_tokenizer(folder: Path) -> BaseTokenizer:
     known: dict[str, int] = {}
     sources: list[str] = []
     if (folder / "tokenizer.model").is_file():
-        from omgtool.export_tokenizer import read_spm
+        from omgtool.formats.sentencepiece import read_spm
 
         spm = read_spm(folder / "tokenizer.model")
         ids.append(len(spm.pieces) - 1)

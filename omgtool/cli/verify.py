@@ -1,6 +1,6 @@
 """`omgtool verify`: rebuild OMG-LLaVA from a merged or exported folder and run the checks.
 
-The library is `omgtool.verify` (run_verify); this module parses options and renders.
+The library is `omgtool.verify.run` (run_verify); this module parses options and renders.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def cli(
     Exit codes: 0 all checks passed (skipped ones named); 1 a check failed; 2 unreadable input or bad
     arguments; 3 unsafe pickle refused.
     """
-    from omgtool.console import emit_json, err
-    from omgtool.verify import VerifyOptions, parse_max_memory, run_verify
+    from omgtool.cli.output import emit_json, err
+    from omgtool.verify.run import VerifyOptions, parse_max_memory, run_verify
 
     progress = None
     if not json_out:
@@ -80,7 +80,7 @@ def render(report: dict[str, Any]) -> None:
     from rich.markup import escape as esc
     from rich.table import Table
 
-    from omgtool.console import out
+    from omgtool.cli.output import out
 
     console = out()
     prec = report["precision"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from omgtool.errors import InvalidArgument, MismatchError
-from omgtool.models.llm import Placement, build_llama, llama_source, llama_tensors
+from omgtool.verify.models.llm import Placement, build_llama, llama_source, llama_tensors
 
 
 @dataclass
@@ -52,8 +52,8 @@ class AdapterParts:
 
 def adapter_parts(adapter_ckpt, analysis, params: dict[str, int], conversion=None) -> AdapterParts:
     """The adapter's LLM pieces in Llama names: full weights to replace, LoRA factors per module."""
-    from omgtool.convert import internlm2_to_llama
-    from omgtool.transforms import apply, convert_name
+    from omgtool.arch.convert import internlm2_to_llama
+    from omgtool.kernels.transforms import apply, convert_name
 
     if analysis.family is None:
         raise InvalidArgument("the adapter checkpoint's family is unknown (no mapping explains its keys)")

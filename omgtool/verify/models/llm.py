@@ -2,7 +2,7 @@
 
 - A Llama-layout folder (`omgtool export --to llama`) loads with `from_pretrained`.
 - An InternLM2 folder (the base, or `merge-lora` output) is converted in memory with the
-  export mapping (`omgtool.convert`: plan_conversion + iter_converted + llama_config_dict)
+  export mapping (`omgtool.arch.convert`: plan_conversion + iter_converted + llama_config_dict)
   into a LlamaForCausalLM built on the meta device and filled tensor by tensor.
 
 Placement: everything on one device, or `device_map` placement through accelerate's own
@@ -100,7 +100,7 @@ def detect_layout(folder: Path, ckpt=None) -> str:
 
 def llama_source(folder: Path, ckpt, conversion=None):
     """(llama config dict, params, planned pieces or None) for an InternLM2 or Llama folder."""
-    from omgtool.convert import head_params, internlm2_to_llama, llama_config_dict, plan_conversion
+    from omgtool.arch.convert import head_params, internlm2_to_llama, llama_config_dict, plan_conversion
 
     src = read_config(folder)
     layout = detect_layout(folder, ckpt)
@@ -121,7 +121,7 @@ def llama_tensors(ckpt, pieces, params) -> Iterator[tuple[str, torch.Tensor]]:
         for name in ckpt.tensors:
             yield name, ckpt.read(name)
         return
-    from omgtool.convert import iter_converted
+    from omgtool.arch.convert import iter_converted
 
     yield from iter_converted(ckpt, pieces, params)
 

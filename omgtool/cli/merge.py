@@ -1,6 +1,6 @@
 """`omgtool merge-lora CHECKPOINT --base BASE --out DIR`.
 
-The library is `omgtool.merge` (plan_merge, MergePlan.describe, run_merge); this module is
+The library is `omgtool.ops.merge` (plan_merge, MergePlan.describe, run_merge); this module is
 the command line: options, a progress bar on stderr, the summary.
 """
 
@@ -65,8 +65,8 @@ def cli(
     plan; 2 unreadable input, bad arguments, or base and checkpoint do not match; 3 unsafe
     pickle refused; 130 interrupted.
     """
-    from omgtool.console import emit_json
-    from omgtool.merge import plan_merge, run_merge
+    from omgtool.cli.output import emit_json
+    from omgtool.ops.merge import plan_merge, run_merge
 
     try:
         if out is None and not dry_run:
@@ -100,7 +100,7 @@ def cli(
 def _print_plan(plan) -> None:
     from rich.markup import escape
 
-    from omgtool.console import out
+    from omgtool.cli.output import out
 
     console = out()
     for line in plan.describe().splitlines():
@@ -112,7 +112,7 @@ def _print_header(plan) -> None:
     """What is about to happen, on stderr (alpha and its source are always shown)."""
     from rich.markup import escape
 
-    from omgtool.console import err
+    from omgtool.cli.output import err
 
     console = err()
     lora = plan.lora_summary()
@@ -137,7 +137,7 @@ class _progress:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, \
             TimeElapsedColumn, TimeRemainingColumn
 
-        from omgtool.console import err
+        from omgtool.cli.output import err
 
         self.bar = Progress(TextColumn("merge-lora"), BarColumn(), TextColumn("{task.fields[tensors]}"),
                             DownloadColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -163,7 +163,7 @@ def render(report: dict[str, Any]) -> None:
 
     from omgtool.sizes import format_size
 
-    from omgtool.console import out
+    from omgtool.cli.output import out
 
     console = out()
     c = report["counts"]

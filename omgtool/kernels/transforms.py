@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from omgtool.errors import InvalidArgument
-from omgtool.mapping import ConversionMapping, template_regex
+from omgtool.arch.mapping import ConversionMapping, template_regex
 
 
 def grouped_qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int):

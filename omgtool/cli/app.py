@@ -1,4 +1,4 @@
-"""The `omgtool` command line: a thin Typer layer over omgtool.commands.
+"""The `omgtool` command line: a thin Typer layer over omgtool.cli.
 
 Each command module defines `cli(...)` (options, help) and the library functions it
 calls; heavy imports (torch, transformers) happen inside those functions, so
@@ -16,7 +16,7 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 import typer  # noqa: E402
 
 from omgtool import __version__  # noqa: E402
-from omgtool.console import guarded, state  # noqa: E402
+from omgtool.cli.output import guarded, state  # noqa: E402
 
 app = typer.Typer(
     name="omgtool",
@@ -30,7 +30,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# command name -> module under omgtool.commands
+# command name -> module under omgtool.cli
 COMMANDS = {
     "inspect": "inspect",
     "diff": "diff",
@@ -57,9 +57,9 @@ def _main(
 
 for _name, _module in COMMANDS.items():
     try:
-        _mod = importlib.import_module(f"omgtool.commands.{_module}")
+        _mod = importlib.import_module(f"omgtool.cli.{_module}")
     except ModuleNotFoundError as _exc:
-        if _exc.name != f"omgtool.commands.{_module}":
+        if _exc.name != f"omgtool.cli.{_module}":
             raise
         continue  # command not built yet
     app.command(_name, help=_mod.cli.__doc__)(guarded(_mod.cli))

@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 from omgtool.errors import InvalidArgument
 from omgtool.formats.base import Checkpoint
-from omgtool.mapping import ConversionMapping, load_registry
-from omgtool.transforms import apply, convert_name, transform_shapes
+from omgtool.arch.mapping import ConversionMapping, load_registry
+from omgtool.kernels.transforms import apply, convert_name, transform_shapes
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def map_keys(keys: list[str], keymap) -> tuple[str, dict[str, str], list[str], l
 def load_vision_weights(tower: nn.Module, info: VisionInfo, path: str | Path) -> VisionInfo:
     """Load trunk (and head) weights from a file, keys renamed by the keymap mapping."""
     from omgtool.formats import open_checkpoint
-    from omgtool.mapping import load_registry
+    from omgtool.arch.mapping import load_registry
 
     keymap = load_registry().keymap(KEYMAP)
     ckpt = open_checkpoint(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omgtool.errors import UnreadableInput
 from omgtool.formats.jsonfile import read_json_object
-from omgtool.tokenizer import added_tokens
+from omgtool.formats.tokenizer_files import added_tokens
 
 TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_PLACEHOLDER = "<image>"

@@ -1,0 +1,3 @@
+from omgtool.cli.app import main
+
+main()

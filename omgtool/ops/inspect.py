@@ -1,0 +1,140 @@
+"""Library side of `omgtool inspect`: the report (metadata alone: no pickle runs, no data
+read), per-tensor statistics, LoRA update strength and manifests. No rendering here.
+
+Only `tensor_stats` and `update_strength` read tensor data, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MANIFEST_VERSION = 1
+STATS_CHUNK = 1 << 24  # elements per chunk for --stats
+
+
+def build_report(path: Path, *, alpha: float | None = None, family: str | None = None,
+                 name_filter: str | None = None) -> tuple[dict[str, Any], Any, Any]:
+    """(report, checkpoint, analysis). Raises UnsafeInput / UnreadableInput."""
+    from omgtool.formats import open_checkpoint
+    from omgtool.arch.infer import analyze
+    from omgtool.arch.mapping import group_descriptions, load_registry
+
+    ckpt = open_checkpoint(path)
+    registry = load_registry()
+    analysis = analyze(ckpt, registry, family=family, alpha=alpha)
+    descriptions = group_descriptions(analysis.family, registry) if analysis.family else {}
+    selected = [t for t in ckpt.tensors.values()
+                if name_filter is None or fnmatch.fnmatchcase(t.name, name_filter)]
+    groups = {}
+    for group, keys in analysis.groups.items():
+        infos = [ckpt.tensors[k] for k in keys]
+        groups[group] = {"count": len(keys), "params": sum(i.numel for i in infos),
+                         "bytes": sum(i.nbytes for i in infos),
+                         "description": descriptions.get(group, "")}
+    report = {
+        "path": str(path),
+        "format": ckpt.format,
+        "container": ckpt.container,
+        "num_tensors": len(ckpt.tensors),
+        "num_params": ckpt.num_params,
+        "total_bytes": ckpt.total_bytes,
+        "dtypes": dict(Counter(t.dtype for t in ckpt.tensors.values())),
+        "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes,
+                     "group": analysis.matches[t.name].group if t.name in analysis.matches else "unexplained",
+                     "location": t.location} for t in selected],
+        "architecture": analysis.architecture,
+        "groups": {g: v["count"] for g, v in groups.items()},
+        "group_details": groups,
+        "unexplained": analysis.unexplained,
+        "notes": analysis.notes,
+        "safety": ckpt.safety.as_dict(),
+        "metadata": ckpt.metadata,
+    }
+    if name_filter is not None:
+        report["filter"] = name_filter
+    return report, ckpt, analysis
+
+
+def tensor_stats(ckpt, names: list[str],
+                 advance: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+    """min/max/mean/std and NaN/Inf/zero counts, one tensor and one chunk at a time.
+
+    `advance(nbytes)` is called after each tensor (progress)."""
+    import torch
+
+    out: dict[str, dict[str, Any]] = {}
+    if True:
+        for name in names:
+            t = ckpt.read(name).reshape(-1)
+            n = t.numel()
+            acc = {"min": float("inf"), "max": float("-inf"), "sum": 0.0, "sumsq": 0.0,
+                   "nan": 0, "inf": 0, "zeros": 0, "finite": 0}
+            for start in range(0, n, STATS_CHUNK):
+                chunk = t[start:start + STATS_CHUNK].to(torch.float64)
+                finite = torch.isfinite(chunk)
+                acc["nan"] += int(torch.isnan(chunk).sum())
+                acc["inf"] += int(torch.isinf(chunk).sum())
+                acc["zeros"] += int((chunk == 0).sum())
+                vals = chunk[finite]
+                if vals.numel():
+                    acc["finite"] += vals.numel()
+                    acc["min"] = min(acc["min"], float(vals.min()))
+                    acc["max"] = max(acc["max"], float(vals.max()))
+                    acc["sum"] += float(vals.sum())
+                    acc["sumsq"] += float((vals * vals).sum())
+                del chunk, finite, vals
+            k = acc["finite"]
+            mean = acc["sum"] / k if k else None
+            var = max(acc["sumsq"] / k - mean * mean, 0.0) if k else None
+            out[name] = {"min": acc["min"] if k else None, "max": acc["max"] if k else None,
+                         "mean": mean, "std": var ** 0.5 if var is not None else None,
+                         "nan": acc["nan"], "inf": acc["inf"], "zeros": acc["zeros"], "numel": n}
+            if advance is not None:
+                advance(ckpt.tensors[name].nbytes)
+            del t
+    return out
+
+
+def update_strength(ckpt, analysis) -> list[dict[str, Any]]:
+    """||(alpha/r) B@A||_F per LoRA pair, via r x r Gram matrices (B@A never formed)."""
+    from omgtool.kernels.lora import delta_norm
+
+    lora = analysis.architecture.get("lora") or {}
+    alpha = lora.get("alpha")
+    rows = []
+    for pair in analysis.lora_pairs:
+        a, b = ckpt.read(pair.a_key), ckpt.read(pair.b_key)
+        rank = a.shape[0]
+        scale = alpha / rank if alpha is not None else 1.0
+        rows.append({"component": pair.component, "layer": pair.layer, "module": pair.module,
+                     "weight": pair.weight, "rank": rank, "scale": scale,
+                     "delta_fro": delta_norm(a, b, scale)})
+    return rows
+
+
+def write_manifest(report: dict[str, Any], out: Path, sha256: str | None) -> None:
+    manifest = {"format_version": MANIFEST_VERSION, "source": Path(report["path"]).name,
+                "family": report["architecture"].get("family"),
+                "stage": report["architecture"].get("stage"),
+                "tensors": [{"name": t["name"], "shape": t["shape"], "dtype": t["dtype"]}
+                            for t in report["tensors"]]}
+    if sha256:
+        manifest["sha256"] = sha256
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(out)
+
+
+def sha256_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
