@@ -136,6 +136,29 @@ class TokensSpec(_Strict):
         return self
 
 
+class QloraSpec(_Strict):
+    """How training held the frozen base: bitsandbytes 4-bit, each setting with its source
+    (merge-lora --base-weights nf4-dequant, verify --reference nf4; see omgtool.arch.qlora)."""
+
+    component: str = "llm"
+    stages: list[str]  # the stages trained on the 4-bit base
+    source: str = ""
+    quant_type: Literal["nf4", "fp4"]
+    quant_type_source: str
+    blocksize: int
+    blocksize_source: str
+    double_quant: bool
+    double_quant_source: str
+    load_dtype: Literal["fp16", "bf16", "fp32"]
+    load_dtype_source: str
+    compute_dtype: Literal["fp16", "bf16", "fp32"]
+    compute_dtype_source: str
+    quantized: list[str]  # weight templates of the component held in 4-bit
+    quantized_source: str
+    skipped: list[str] = Field(default_factory=list)  # linears training kept in full precision
+    skipped_source: str = ""
+
+
 class FamilyMapping(_Strict):
     kind: Literal["family"]
     name: str
@@ -146,6 +169,7 @@ class FamilyMapping(_Strict):
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name="full", when="always")])
     hints: FileHint = Field(default_factory=FileHint)
     tokens: TokensSpec | None = None
+    qlora: QloraSpec | None = None
     # merge-lora: the output config.json is the base's, or the checkpoint folder's own
     # config.json when it has one (a LLaVA LoRA run keeps the LlavaConfig it was built with).
     merge_config: Literal["base", "checkpoint"] = "base"

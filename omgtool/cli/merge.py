@@ -38,6 +38,24 @@ def cli(
                                    "(hashed on a background thread while merging); --no-hash-base records "
                                    "their sizes only"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
+    base_weights: str = typer.Option("original", "--base-weights", help="original: LoRA into the original "
+                                     "weights (the standard merge); nf4-dequant: into each weight's bitsandbytes "
+                                     "4-bit round trip, the weights a QLoRA training multiplied by (settings from "
+                                     "the family mapping; see --bnb-*)"),
+    bnb_quant_type: Optional[str] = typer.Option(None, "--bnb-quant-type", help="QLoRA 4-bit type nf4|fp4 "
+                                                 "(default: the family mapping's)"),
+    bnb_blocksize: Optional[int] = typer.Option(None, "--bnb-blocksize", help="QLoRA quantization blocksize "
+                                                "(default: the family mapping's, 64)"),
+    bnb_double_quant: Optional[bool] = typer.Option(None, "--bnb-double-quant/--no-bnb-double-quant",
+                                                    help="QLoRA double quantization of the absmax (default: the "
+                                                    "family mapping's)"),
+    bnb_load_dtype: Optional[str] = typer.Option(None, "--bnb-load-dtype", help="dtype the base was loaded in "
+                                                 "before quantizing: fp16|bf16|fp32 (default: the mapping's)"),
+    bnb_compute_dtype: Optional[str] = typer.Option(None, "--bnb-compute-dtype", help="QLoRA compute dtype "
+                                                    "fp16|bf16|fp32 (default: the mapping's)"),
+    quant_stats: bool = typer.Option(True, "--quant-stats/--no-quant-stats", help="measure the 4-bit round "
+                                     "trip's error per weight (||q||/||W||, ||q||/||delta||) where the family "
+                                     "records QLoRA training, also with --base-weights original"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (the plan with --dry-run, "
                                   "else the merge report)"),
 ) -> None:
@@ -73,8 +91,11 @@ def cli(
             raise InvalidArgument("--out is required (or use --dry-run)")
         if out is not None and not dry_run and out.exists() and not force:
             raise InvalidArgument(f"{out} already exists (use --force to replace it)")
+        bnb = {"quant_type": bnb_quant_type, "blocksize": bnb_blocksize, "double_quant": bnb_double_quant,
+               "load_dtype": bnb_load_dtype, "compute_dtype": bnb_compute_dtype}
         plan = plan_merge(checkpoint, base, alpha=alpha, dtype=dtype, family=family,
-                          max_shard_size=max_shard_size, device=device)
+                          max_shard_size=max_shard_size, device=device, base_weights=base_weights, bnb=bnb,
+                          quant_stats=quant_stats)
         if dry_run:
             plan.close()
             if json_out:
@@ -121,6 +142,9 @@ def _print_header(plan) -> None:
     if lora:
         console.print(escape(f"merge-lora: alpha {plan.alpha:g} ({plan.alpha_source}); rank {lora['rank']}, "
                              f"scale {lora['scale']:g}; matmuls on {plan.device}"))
+    if plan.qlora is not None:
+        for line in plan.qlora.describe_lines(plan.out_dtype):
+            console.print(escape("merge-lora: " + line.strip()))
 
 
 class _progress:
@@ -189,6 +213,16 @@ def render(report: dict[str, Any]) -> None:
                                                  for t in tokens)))
     for fname, names in report["side_files"].items():
         console.print(esc(f"{fname}: {len(names)} tensors under their original names"))
+    q = report.get("qlora")
+    if q:
+        s = q["summary"]
+        console.print(esc(f"base weights: {q['base_weights']}; 4-bit round trip error over {s['tensors']} weights: "
+                          f"median ||q||/||W|| {_num(s['median_q_over_w'])}, median ||q||/||delta|| "
+                          f"{_num(s['median_q_over_delta'])} (max {_num(s['max_q_over_delta'])})"))
     console.print("provenance: omgtool-merge.json (sha256 of inputs and outputs, delta norms); README.md")
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {esc(note)}")
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"

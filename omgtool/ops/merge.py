@@ -29,6 +29,7 @@ merges written block by block), shard by shard, inside an atomic output folder.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -114,6 +115,7 @@ class MergePlan:
     device: str
     vocab: dict[str, int | None]
     notes: list[str] = field(default_factory=list)
+    qlora: Any = None  # omgtool.arch.qlora.QloraPlan: --base-weights and the 4-bit settings, or None
     _ckpt: Any = field(default=None, repr=False)
     _base: Any = field(default=None, repr=False)
 
@@ -169,6 +171,7 @@ class MergePlan:
             "side_files": {f: [i.name for i in items] for f, items in self.side_files().items()},
             "tokens": self.tokens.as_dict(), "carried": [p.name for p in self.carried],
             "bytes": self.total_bytes, "max_shard_bytes": self.max_shard_bytes, "notes": self.notes,
+            "qlora": self.qlora.as_dict() if self.qlora else None,
         }
 
     def describe(self) -> str:
@@ -188,6 +191,8 @@ class MergePlan:
         if self.vocab.get("output") != self.vocab.get("base"):
             lines.append(f"vocab: {self.vocab.get('base')} -> {self.vocab.get('output')} rows "
                          "(config.json vocab_size updated)")
+        if self.qlora:
+            lines += self.qlora.describe_lines(self.out_dtype)
         for action in ("merged", "resized", "replaced", "added", "converted", "copied"):
             items = [i for i in self.model_items() if i.action == action]
             if not items:
@@ -287,7 +292,8 @@ def _alpha_for(module_path: str, alpha: float, cfg: dict | None, user: bool) -> 
 
 def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha: float | None = None,
                dtype: str | None = None, family: str | None = None, max_shard_size: str | int = "5GB",
-               device: str | None = "auto", cwd: Path | None = None) -> MergePlan:
+               device: str | None = "auto", cwd: Path | None = None, base_weights: str = "original",
+               bnb: dict[str, Any] | None = None, quant_stats: bool = True) -> MergePlan:
     """Everything the merge will do, checked; reads metadata only (no tensor data)."""
     from omgtool.formats import open_checkpoint
     from omgtool.formats.dtypes import HF_CONFIG_NAMES, parse_user_dtype
@@ -475,6 +481,11 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
         info = ckpt.tensors[key]
         items.append(MergeItem(name, "added", tuple(info.shape), out_dtype or info.dtype, MODEL, "checkpoint", key,
                                loras.get(name)))
+    qlora = _plan_qlora(fam, analysis.stage, base_weights, bnb, items, comp_prefix, quant_stats)
+    if qlora is not None and qlora.rounds_base:  # a quantized weight without a LoRA changes too
+        quantized = set(qlora.quantized)
+        items = [dataclasses.replace(i, action="converted") if i.name in quantized and i.action == "copied" else i
+                 for i in items]
     if added:
         comps = sorted({analysis.matches[full[n]].component for n in added})
         notes.append(f"the base has no {', '.join(comps)}: {len(added)} tensors of the checkpoint are added to the "
@@ -573,10 +584,23 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
         device=resolve_device(device), vocab={"base": base_vocab, "output": out_vocab,
                                               "tokenizer": (tokens.base.size + len(tokens.tokens))
                                               if tokens.base.size is not None else None},
-        notes=notes, _ckpt=ckpt, _base=base_ckpt)
+        notes=notes, qlora=qlora, _ckpt=ckpt, _base=base_ckpt)
     if not model_pairs and not full:
         plan.notes.append("the checkpoint changes nothing in the base model (no LoRA on it, no full tensors)")
     return plan
+
+
+def _plan_qlora(fam, stage, base_weights, bnb, items, comp_prefix, quant_stats):
+    """The QLoRA plan (omgtool.arch.qlora): for --base-weights nf4-dequant, or for the
+    quantization-error figures of a standard merge when the family records QLoRA training."""
+    from omgtool.arch.qlora import plan_qlora
+
+    if base_weights == "original" and not quant_stats:
+        return None
+    comp = fam.qlora.component if fam.qlora else None
+    model = [i for i in items if i.file == MODEL]
+    return plan_qlora(fam, stage, base_weights, bnb, [i.name for i in model], comp_prefix.get(comp, ""),
+                      {i.name for i in model if i.source != "base"})
 
 
 def _main_dtype(items: list[MergeItem]) -> str | None:
@@ -646,7 +670,7 @@ def _chunk_rows(shape: tuple[int, ...], device: str) -> int:
     return max(1, CHUNK_BYTES["cuda" if device.startswith("cuda") else "cpu"] // (4 * cols))
 
 
-def _blocks(item: MergeItem, ckpt, base, device: str):
+def _blocks(item: MergeItem, ckpt, base, device: str, qlora=None):
     """The output tensor as row blocks of its dtype: W + scale * B @ A through
     omgtool.kernels.lora.merge_lora per block, or the source rows (converted if --dtype says so).
 
@@ -661,9 +685,13 @@ def _blocks(item: MergeItem, ckpt, base, device: str):
     rows = _chunk_rows(item.shape, device if item.lora is not None else "cpu")
     out_dt = torch_dtype(item.dtype)
     lo = item.lora
+    trip = qlora.tensor(item.name, source, item.key, item.shape, rows, device) if qlora is not None else None
+    rows = trip.rows if trip is not None else rows
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         w = source.read(item.key)[start:stop]
+        if trip is not None:  # QLoRA: the rows training multiplied by (nf4-dequant), measured in both modes
+            w = trip.apply(start, w)
         if lo is None:
             block = w if w.dtype == out_dt else w.to(out_dt)
         else:
@@ -677,6 +705,8 @@ def _blocks(item: MergeItem, ckpt, base, device: str):
         base.close()
         yield block
         del block
+    if trip is not None:
+        trip.finish()
 
 
 def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress: Progress = _noop,
@@ -709,6 +739,9 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
 
     deltas: dict[str, dict[str, Any]] = {}
     written_files: list[str] = []
+    from omgtool.ops.qlora import QuantHook
+
+    qlora = QuantHook(plan.qlora) if plan.qlora is not None else None
     try:
         with atomic_output_dir(out, force=force) as tmp:
             # model shards
@@ -733,7 +766,7 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
                         source = ckpt if item.source == "checkpoint" else base
                         writer.write(item.name, source.read(item.key).to(torch_dtype(item.dtype)))
                     else:
-                        writer.write_rows(item.name, _blocks(item, ckpt, base, plan.device))
+                        writer.write_rows(item.name, _blocks(item, ckpt, base, plan.device, qlora))
                     ckpt.close()  # drop the mmaps: pages read so far stop counting as ours
                     base.close()
                     if item.name in first_of_shard:  # the previous shard is closed: hash it now
@@ -782,6 +815,9 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
                 else:
                     shutil.copyfile(entry, dst)
             report = _report(plan, out, started, deltas, written_files, token_files, hash_base)
+            if qlora is not None:
+                report["qlora"] = qlora.report(deltas)
+                report["numerics"] += _qlora_numerics(plan.qlora)
             (tmp / README).write_text(_readme(plan, report), encoding="utf-8")
             for p in sorted(tmp.rglob("*")):
                 rel = str(p.relative_to(tmp))
@@ -805,6 +841,15 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
     finally:
         plan.close()
     return report
+
+
+def _qlora_numerics(q) -> str:
+    if not q.rounds_base:
+        return "; --base-weights original: W is the original weight (the 4-bit round trip is measured, not used)"
+    s = q.settings
+    return (f"; --base-weights nf4-dequant: W is each quantized weight's bitsandbytes round trip "
+            f"cast_{s.compute_dtype}(cast_{s.load_dtype}({s.quant_type.upper()}[code] * absmax')) from codes of "
+            f"W.to({s.load_dtype}), blocksize {s.blocksize}, double quant {'on' if s.double_quant else 'off'}")
 
 
 def _rel(f: Path, root: Path) -> str:
