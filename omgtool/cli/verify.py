@@ -40,6 +40,9 @@ def cli(
     queries: int = typer.Option(300, "--queries", help="synthesized object queries (OMG-Seg uses 300)"),
     tolerance: float = typer.Option(3.0, "--tolerance", help="merge check passes when the logit difference "
                                     "is at most this many times the noise floor measured in the run"),
+    reference: str = typer.Option("default", "--reference", help="default: base + unmerged LoRA; nf4: the QLoRA "
+                                  "training forward (NF4 round-trip base + unmerged LoRA): judges a merge-lora "
+                                  "--base-weights nf4-dequant folder, and reports how far a standard merge is from it"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON report to stdout"),
 ) -> None:
     """Rebuild the full OMG-LLaVA model and check it computes: LLM forward, merged vs base + unmerged
@@ -59,7 +62,7 @@ def cli(
                          vision_weights=vision_weights, projector=projector, device=device,
                          device_map=device_map, max_memory=parse_max_memory(max_memory),
                          offload_folder=offload_folder, precision=precision.lower(), num_queries=queries,
-                         tolerance_factor=tolerance, progress=progress)
+                         tolerance_factor=tolerance, reference=reference.lower(), progress=progress)
     report = run_verify(opts)
     if json_out:
         emit_json(report)
@@ -90,7 +93,7 @@ def render(report: dict[str, Any]) -> None:
     table = Table(title="checks", title_justify="left")
     for col in ("check", "status", "numbers"):
         table.add_column(col)
-    colors = {"pass": "green", "fail": "red", "skipped": "yellow"}
+    colors = {"pass": "green", "fail": "red", "skipped": "yellow", "info": "cyan"}
     for name, c in report["checks"].items():
         table.add_row(name, f"[{colors.get(c['status'], 'white')}]{c['status']}[/]", esc(_summary(name, c)))
     console.print(table)
@@ -125,11 +128,15 @@ def _summary(name: str, c: dict[str, Any]) -> str:
         if "lora_effect" in c:
             parts.append(f"LoRA effect relL2 {c['lora_effect']['rel_l2']:.4g}")
         parts.append(f"alpha {c['reference']['alpha']:g} (scale {_fmt(c['reference']['scale'])})")
+        if c.get("reference_base", "original") != "original":
+            parts.append(f"reference: {c['reference_base']}")
     elif name == "multimodal" and "visual_tokens" in c:
         v = c["visual_tokens"]
         parts.append(f"trunk {c.get('trunk_last_stage')} → shuffle {c.get('pixel_shuffled')} → "
                      f"{v['grid']} grid + 1 sep + {v['queries']} queries = {v['total']} tokens; "
                      f"sequence {c.get('sequence', {}).get('total')}")
+    elif name == "training_forward" and "line" in c:
+        parts.append(c["line"])
     elif name == "seg" and "vector_shape" in c:
         parts.append(f"[SEG] id {c['seg_id']} at {c['positions']} → vector {c['vector_shape']}")
     if c.get("reason"):

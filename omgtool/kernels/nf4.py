@@ -160,8 +160,11 @@ def _table_values(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
 
 
 def pack(codes: torch.Tensor, numel: int) -> torch.Tensor:
-    """Two codes per byte, the first in the high nibble; (numel + 1) // 2 bytes."""
+    """Two codes per byte, the first in the high nibble; (numel + 1) // 2 bytes. For odd numel
+    the last low nibble is the next code (encode's padding: the code of 0), else 0."""
     c = codes[:numel + (numel % 2)]
+    if c.numel() % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
     return (c[0::2] << 4) | c[1::2]
 
 

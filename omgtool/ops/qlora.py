@@ -93,20 +93,26 @@ def _median(values: list[float]) -> float | None:
 
 
 class RoundTrippedCheckpoint:
-    """A checkpoint view whose quantized tensors read as their round trip (compute dtype)."""
+    """A checkpoint view whose quantized tensors read as their round trip, and are listed with
+    the compute dtype (so a conversion keeps their values)."""
 
     def __init__(self, ckpt, names: list[str], settings):
+        import dataclasses
+
+        from omgtool.formats.dtypes import from_torch
+
         self._ckpt = ckpt
-        self._names = set(names)
+        self._names = {n for n in names if n in ckpt.tensors and len(ckpt.tensors[n].shape) == 2}
         self._settings = settings
+        compute = from_torch(settings.compute)
+        self.tensors = {n: dataclasses.replace(info, dtype=compute) if n in self._names else info
+                        for n, info in ckpt.tensors.items()}
 
     def read(self, name: str):
         from omgtool.kernels.nf4 import roundtrip
 
         t = self._ckpt.read(name)
-        if name in self._names and t.dim() == 2:
-            return roundtrip(t, self._settings)
-        return t
+        return roundtrip(t, self._settings) if name in self._names else t
 
     def __getattr__(self, attr):
         return getattr(self._ckpt, attr)

@@ -56,6 +56,7 @@ class VerifyOptions:
     precision: str = "auto"  # auto | fp32 | bf16
     num_queries: int = 300
     tolerance_factor: float = 3.0
+    reference: str = "default"  # default | nf4 (omgtool.verify.qlora: the QLoRA training forward)
     seed: int = 0
     progress: Callable[[str], None] | None = None
 
@@ -273,6 +274,10 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
         raise InvalidArgument("--queries must be at least 1")
     if not opts.tolerance_factor > 0:
         raise InvalidArgument("--tolerance must be positive")
+    from omgtool.verify.qlora import REFERENCES
+
+    if opts.reference not in REFERENCES:
+        raise InvalidArgument(f"--reference {opts.reference!r}: use {' or '.join(REFERENCES)}")
     device = resolve_device(opts.device)
     run = _Run(opts)
     from omgtool.verify.models.llm import Placement
@@ -413,10 +418,21 @@ def _verify(run: _Run, placement) -> dict[str, Any]:
     elif merged_logits is None:
         report["checks"]["merge"] = {"status": "fail", "reason": "the merged model gave no logits"}
     else:
+        nf4 = None
+        if opts.reference == "nf4":
+            from omgtool.verify.qlora import nf4_reference
+
+            nf4 = nf4_reference(folder, base_path, adapter_analysis)
+            report["qlora_reference"] = nf4.as_dict()
+        ref_place = capped_placement(run, placement, (numel + lora_numel) * dtype.itemsize)
+        judged_view = nf4.base_view() if nf4 is not None and nf4.merge_mode == "nf4-dequant" else None
         report["checks"]["merge"] = _check_merge(
             run, merged_logits, ids, base_path, base_source, adapter_ckpt, adapter_analysis, dtype, precision,
-            capped_placement(run, placement, (numel + lora_numel) * dtype.itemsize),
-            torch_dtype(stored) if stored in ("BF16", "F16", "F32") else torch.bfloat16)
+            ref_place, torch_dtype(stored) if stored in ("BF16", "F16", "F32") else torch.bfloat16,
+            base_view=judged_view)
+        if nf4 is not None and judged_view is None:
+            report["checks"]["training_forward"] = _check_training_forward(
+                run, merged_logits, ids, base_path, adapter_ckpt, adapter_analysis, dtype, ref_place, nf4)
     return report
 
 
@@ -660,7 +676,7 @@ def _check_multimodal(run: _Run, model, placement, tok, proj_ckpt, proj_source, 
 
 
 def _check_merge(run: _Run, merged_logits, ids, base_path, base_source, adapter_ckpt, analysis, dtype,
-                 precision, placement, stored_dtype):
+                 precision, placement, stored_dtype, base_view=None):
     import torch
 
     from omgtool.verify.models.reference import build_reference
@@ -671,9 +687,11 @@ def _check_merge(run: _Run, merged_logits, ids, base_path, base_source, adapter_
                          "adapter's full weights only")
     run.say(f"check b: building base + unmerged LoRA (PEFT) from {base_path}")
     with run.timed("load_reference"):
-        ref_model, rinfo, _ = build_reference(base_path, adapter_ckpt, analysis, dtype, placement, alpha=opts.alpha)
+        ref_model, rinfo, _ = build_reference(base_path, adapter_ckpt, analysis, dtype, placement, alpha=opts.alpha,
+                                              base_view=base_view)
     out: dict[str, Any] = {"base": str(base_path), "base_from": base_source, "reference": rinfo.as_dict(),
-                           "compute_dtype": precision, "reference_placement": placement.describe()}
+                           "compute_dtype": precision, "reference_placement": placement.describe(),
+                           "reference_base": "NF4 round trip (the training forward)" if base_view else "original"}
     if rinfo.vocab_size != merged_logits.shape[-1]:
         _free(ref_model)
         out.update(status="fail", reason=f"vocab differs: merged {merged_logits.shape[-1]}, "
@@ -709,7 +727,7 @@ def _check_merge(run: _Run, merged_logits, ids, base_path, base_source, adapter_
         fp32_place = _fp32_placement(run, placement, 2 * _param_bytes(analysis, adapter_ckpt, base_path))
         with run.timed("floor"):
             ref32_model, _, _ = build_reference(base_path, adapter_ckpt, analysis, torch.float32, fp32_place,
-                                                alpha=opts.alpha)
+                                                alpha=opts.alpha, base_view=base_view)
             ref32 = _forward(ref32_model, fp32_place, input_ids=ids).logits.float().cpu()
         _free(ref32_model)
         del ref32_model
@@ -731,6 +749,24 @@ def _check_merge(run: _Run, merged_logits, ids, base_path, base_source, adapter_
         out["warning"] = (f"weak check: the LoRA moves logits by rel L2 {effect:.3g}, less than twice the "
                           f"tolerance {tol:.3g}; a wrong alpha could pass")
     return out
+
+
+def _check_training_forward(run: _Run, merged_logits, ids, base_path, adapter_ckpt, analysis, dtype, placement, nf4):
+    """Information for a standard merge: merged vs the QLoRA training forward, and the LoRA's effect there."""
+    from omgtool.verify.models.reference import build_reference
+    from omgtool.verify.qlora import training_forward_info
+
+    run.say("training forward: NF4 round-trip base + unmerged LoRA (PEFT)")
+    with run.timed("load_reference_nf4"):
+        ref_model, _, _ = build_reference(base_path, adapter_ckpt, analysis, dtype, placement, alpha=run.opts.alpha,
+                                          base_view=nf4.base_view())
+    with run.timed("forward_reference_nf4"):
+        ref = _forward(ref_model, placement, input_ids=ids).logits.float().cpu()
+        with ref_model.disable_adapter():
+            base_only = _forward(ref_model, placement, input_ids=ids).logits.float().cpu()
+    _free(ref_model)
+    del ref_model
+    return training_forward_info(merged_logits, ref, base_only, compare_logits)
 
 
 def _peft_merged_rounded(ref_model, placement, ids, stored_dtype):

@@ -89,14 +89,17 @@ def adapter_parts(adapter_ckpt, analysis, params: dict[str, int], conversion=Non
 
 
 def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torch.dtype,
-                    placement: Placement, alpha: float | None = None):
-    """(PEFT model, ReferenceInfo). `alpha` overrides the analysis' alpha (mapping default)."""
+                    placement: Placement, alpha: float | None = None, base_view=None):
+    """(PEFT model, ReferenceInfo). `alpha` overrides the analysis' alpha (mapping default);
+    `base_view(ckpt)` may replace the base's tensors as read (verify --reference nf4)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from omgtool.formats import open_checkpoint
 
     base_folder = Path(base_folder)
     base = open_checkpoint(base_folder)
+    if base_view is not None:
+        base = base_view(base)
     layout, config, params, pieces = llama_source(base_folder, base)
     parts = adapter_parts(adapter_ckpt, analysis, params)
     alpha_used = float(alpha) if alpha is not None else parts.alpha
