@@ -290,6 +290,11 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our stderr carries only our own progress lines
+    import logging
+
+    bnb_log = logging.getLogger("bitsandbytes")  # where installed, peft imports it and it warns on CPU
+    bnb_level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
     if device.startswith("cuda"):
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
@@ -301,6 +306,7 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
     finally:
         placement.cleanup()
         hf_logging.set_verbosity(verbosity)
+        bnb_log.setLevel(bnb_level)
         if bars:
             hf_logging.enable_progress_bar()
     report["timings_s"] = {**run.timings, "total": round(time.perf_counter() - start, 4)}
