@@ -52,6 +52,17 @@ BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # the CUDA kernels' (32 is R
 DQ_BLOCKSIZE = 256  # functional.quantize_4bit: quantize_blockwise(absmax - offset, blocksize=256)
 
 
+class _one_thread:
+    """torch on one intra-op thread for a run of small ops (threads would only wait on each other)."""
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
 def _f32(values, device=None) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
@@ -141,7 +152,8 @@ def _value_lut(quant_type: str) -> torch.Tensor:
     top = torch.arange(1 << 16, dtype=torch.int32)
     low_end = (top << 16).view(torch.float32)
     high_end = ((top << 16) | 0xFFFF).view(torch.float32)
-    codes, other = codes_of(low_end, quant_type), codes_of(high_end, quant_type)
+    with _one_thread():
+        codes, other = codes_of(low_end, quant_type), codes_of(high_end, quant_type)
     values = table(quant_type)[codes.long()]
     values[codes != other] = AMBIGUOUS
     return values
@@ -241,8 +253,12 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> Doub
     centred = absmax - offset
     absmax2 = block_absmax(centred, blocksize)
     scaled = (_padded_blocks(centred, blocksize) * torch.reciprocal(absmax2).unsqueeze(1)).reshape(-1)
-    return DoubleQuant(quantize_dynamic(scaled[:centred.numel()], dynamic_map(absmax.device)), absmax2, offset,
-                       blocksize)
+    if absmax.device.type == "cpu":
+        with _one_thread():  # ~50 small ops on 1/64 of the weight's elements
+            codes = quantize_dynamic(scaled[:centred.numel()], dynamic_map())
+    else:
+        codes = quantize_dynamic(scaled[:centred.numel()], dynamic_map(absmax.device))
+    return DoubleQuant(codes, absmax2, offset, blocksize)
 
 
 # --- whole tensors: bitsandbytes' quantize_4bit / dequantize_4bit ----------------------------
@@ -319,27 +335,72 @@ class QuantSettings:
 SUB_ELEMENTS = 1 << 18  # elements per step of the fused round trip: its temporaries stay in cache
 
 
-def _roundtrip_flat(x: torch.Tensor, absmax: torch.Tensor, scales: torch.Tensor, settings: QuantSettings,
-                    out: torch.Tensor) -> None:
-    """out[:] = cast_compute(cast_load(table[code(x * 1/absmax)] * scales)) for flat x that starts
-    on a block; absmax, scales: its blocks'."""
+def load_absmax(w: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
+    """block_absmax(w.to(load_dtype)) without converting w: rounding is monotone and symmetric,
+    so the rounded max |w| is the max of the rounded |w|."""
+    return block_absmax(w, settings.blocksize).to(settings.load).float()
+
+
+def _roundtrip_flat(w: torch.Tensor, absmax: torch.Tensor, scales: torch.Tensor, settings: QuantSettings,
+                    out: torch.Tensor, norms: bool = False) -> tuple[float, float]:
+    """out[:] = cast_load(table[code(x * 1/absmax)] * scales), x = w.to(load_dtype), for flat w
+    (the original weight) that starts on a block; absmax, scales: its blocks'. With `norms`
+    also returns (||q||^2, ||w||^2) for q = cast_compute(out) - w, else (0, 0).
+
+    On the CPU the steps are many small element-wise ops: torch's intra-op threads would meet at
+    a barrier after each (slow whenever another process holds a core), so instead each of
+    torch.get_num_threads() Python threads takes every n-th step single-threaded (torch releases
+    the GIL). On a GPU the whole tensor is one step."""
     bs = settings.blocksize
-    n = x.numel()
-    for start in range(0, n, SUB_ELEMENTS):
-        stop = min(start + SUB_ELEMENTS, n)
-        b0, b1 = start // bs, -(-stop // bs)
-        scaled = _scaled(x[start:stop], absmax[b0:b1], bs)
-        values = _table_values(scaled, settings.quant_type).view(-1, bs) * scales[b0:b1].unsqueeze(1)
-        out[start:stop] = values.reshape(-1)[:stop - start].to(settings.load)
+    n = w.numel()
+    sub = SUB_ELEMENTS if w.device.type == "cpu" else max(n, 1)
+    steps = list(range(0, n, sub))
+    sums: list[tuple[float, float]] = []
+
+    def run(mine: list[int]) -> None:
+        q2 = w2 = 0.0
+        for start in mine:
+            stop = min(start + sub, n)
+            b0, b1 = start // bs, -(-stop // bs)
+            part = w[start:stop]
+            scaled = _scaled(part.to(settings.load), absmax[b0:b1], bs)
+            values = _table_values(scaled, settings.quant_type).view(-1, bs) * scales[b0:b1].unsqueeze(1)
+            rounded = values.reshape(-1)[:stop - start].to(settings.load)
+            out[start:stop] = rounded
+            if norms:
+                w32 = part.float()
+                q2 += float(torch.linalg.vector_norm(rounded.to(settings.compute).float() - w32)) ** 2
+                w2 += float(torch.linalg.vector_norm(w32)) ** 2
+        sums.append((q2, w2))
+
+    workers = min(torch.get_num_threads(), len(steps)) if w.device.type == "cpu" else 1
+    if workers <= 1:
+        run(steps)
+        return sums[0] if sums else (0.0, 0.0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    _value_lut(settings.quant_type)  # build the cached table once, before the threads read it
+    saved = torch.get_num_threads()
+
+    def worker(i: int) -> None:  # one intra-op thread per worker; the count is restored below
+        torch.set_num_threads(1)
+        run(steps[i::workers])
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="omgtool-nf4") as pool:
+            list(pool.map(worker, range(workers)))
+    finally:
+        torch.set_num_threads(saved)
+    return sum(q for q, _ in sums), sum(w for _, w in sums)
 
 
 def roundtrip(weight: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
     """W_train = cast_compute(dequantize(quantize(W.to(load_dtype)))): what training multiplied by."""
-    x = weight.to(settings.load).reshape(-1)
-    absmax = block_absmax(x, settings.blocksize)
+    flat = weight.reshape(-1)
+    absmax = load_absmax(flat, settings)
     scales = double_quantize(absmax).dequantize() if settings.double_quant else absmax
-    out = torch.empty(x.shape, dtype=settings.load, device=x.device)
-    _roundtrip_flat(x, absmax, scales, settings, out)
+    out = torch.empty(flat.shape, dtype=settings.load, device=flat.device)
+    _roundtrip_flat(flat, absmax, scales, settings, out)
     return out.to(settings.compute).view(weight.shape)
 
 
@@ -366,20 +427,25 @@ class StreamedRoundTrip:
         n_rows = self.shape[0]
         if (chunk_rows * self.cols) % settings.blocksize and chunk_rows < n_rows:
             raise ValueError(f"row blocks of {chunk_rows} x {self.cols} do not fill blocks of {settings.blocksize}")
-        parts = [block_absmax(read(start, min(start + chunk_rows, n_rows)).to(device=device, dtype=settings.load),
-                              settings.blocksize) for start in range(0, n_rows, chunk_rows)]
+        parts = [load_absmax(read(start, min(start + chunk_rows, n_rows)).to(device), settings)
+                 for start in range(0, n_rows, chunk_rows)]
         self.absmax = torch.cat(parts)
         self.double = double_quantize(self.absmax) if settings.double_quant else None
         self.scales = self.double.dequantize() if self.double is not None else self.absmax
 
-    def rows(self, start: int, w: torch.Tensor) -> torch.Tensor:
+    def rows(self, start: int, w: torch.Tensor, norms: list[float] | None = None) -> torch.Tensor:
+        """W_train for rows start.. (w: those rows of the original weight). `norms`, a list
+        [||q||^2, ||W||^2], is added to."""
         s = self.settings
         first = start * self.cols
         if first % s.blocksize:
             raise ValueError(f"row block at {start} does not start on a quantization block of {s.blocksize}")
         b0 = first // s.blocksize
-        x = w.to(device=self.device, dtype=s.load).reshape(-1)
-        nb = -(-x.numel() // s.blocksize)
-        out = torch.empty(x.shape, dtype=s.load, device=x.device)
-        _roundtrip_flat(x, self.absmax[b0:b0 + nb], self.scales[b0:b0 + nb], s, out)
+        flat = w.to(device=self.device).reshape(-1)
+        nb = -(-w.numel() // s.blocksize)
+        out = torch.empty(flat.shape, dtype=s.load, device=flat.device)
+        q2, w2 = _roundtrip_flat(flat, self.absmax[b0:b0 + nb], self.scales[b0:b0 + nb], s, out, norms is not None)
+        if norms is not None:
+            norms[0] += q2
+            norms[1] += w2
         return out.to(s.compute).view(w.shape)

@@ -35,20 +35,14 @@ class TensorTrip:
             return block
 
         self.trip = StreamedRoundTrip(read, shape, settings, self.rows, device)
-        self.q2 = 0.0
-        self.w2 = 0.0
+        self.norms = [0.0, 0.0]  # ||q||^2, ||W||^2 (float32 per block, summed in float64)
 
     def apply(self, start: int, w: torch.Tensor) -> torch.Tensor:
-        w_train = self.trip.rows(start, w)
-        w32 = w.to(device=w_train.device, dtype=torch.float32)
-        self.q2 += float(torch.linalg.vector_norm(w_train.float() - w32)) ** 2
-        self.w2 += float(torch.linalg.vector_norm(w32)) ** 2
-        if self.hook.plan.rounds_base:
-            return w_train
-        return w
+        w_train = self.trip.rows(start, w, self.norms)
+        return w_train if self.hook.plan.rounds_base else w
 
     def finish(self) -> None:
-        self.hook.norms[self.name] = {"q_norm": math.sqrt(self.q2), "w_norm": math.sqrt(self.w2)}
+        self.hook.norms[self.name] = {"q_norm": math.sqrt(self.norms[0]), "w_norm": math.sqrt(self.norms[1])}
 
 
 class QuantHook:
