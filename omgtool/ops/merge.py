@@ -685,7 +685,8 @@ def _blocks(item: MergeItem, ckpt, base, device: str, qlora=None):
     rows = _chunk_rows(item.shape, device if item.lora is not None else "cpu")
     out_dt = torch_dtype(item.dtype)
     lo = item.lora
-    trip = qlora.tensor(item.name, source, item.key, item.shape, rows, device) if qlora is not None else None
+    trip = (qlora.tensor(item.name, source, item.key, item.shape, rows, device if lo is not None else "cpu")
+            if qlora is not None else None)
     rows = trip.rows if trip is not None else rows
     for start in range(0, n, rows):
         stop = min(start + rows, n)
