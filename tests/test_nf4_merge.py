@@ -125,3 +125,25 @@ def test_bad_qlora_arguments():
                        "--bnb-quant-type", "int4", "--dry-run"), 2, "quant type")
     one_line_error(run("merge-lora", PRETRAIN, "--base", BASE, "--base-weights", "nf4-dequant", "--dry-run"), 2,
                    "stage")
+
+
+def test_quantized_weight_without_lora_is_written_as_its_round_trip(tmp_path):
+    """A LoRA on wqkv only: with nf4-dequant the other quantized linears change too (the model
+    training computed with), and are reported as converted, not copied."""
+    sd = {k: v for k, v in load_ckpt(FINETUNE).items() if ".lora_" not in k or ".attention.wqkv." in k}
+    ckpt = tmp_path / "omg_llava_partial.pth"
+    torch.save(sd, ckpt)
+    res = ok("merge-lora", ckpt, "--base", BASE, "--out", tmp_path / "o", "--base-weights", "nf4-dequant",
+             "--dtype", "fp16", "--json")
+    report = json.loads(res.stdout)
+    assert report["counts"]["merged"] == 2
+    converted = report["tensors"]["converted"]
+    assert "model.layers.0.feed_forward.w2.weight" in converted and "model.norm.weight" in converted
+    base, got = load_base(), folder_weights(tmp_path / "o")
+    for name in ("model.layers.0.feed_forward.w2.weight", "model.layers.1.attention.wo.weight"):
+        want = nf4.dequantize_4bit(nf4.quantize_4bit(base[name].to(torch.float16), 64, "nf4", True))
+        assert torch.equal(got[name], want), name
+    assert torch.equal(got["model.norm.weight"], base["model.norm.weight"].to(torch.float16))  # not quantized
+    stats = report["qlora"]["per_tensor"]
+    assert "q_over_delta" not in stats["model.layers.0.feed_forward.w2.weight"]  # no LoRA there
+    assert "q_over_delta" in stats["model.layers.0.attention.wqkv.weight"]

@@ -909,6 +909,9 @@ def _readme(plan: MergePlan, report: dict[str, Any]) -> str:
     if lora:
         lines.append(f"- LoRA: rank {lora['rank']}, alpha {plan.alpha:g} ({plan.alpha_source}), scale "
                      f"{lora['scale']:g}; computed in float32 and rounded once to {report['dtype']}.")
+    if report.get("qlora"):  # omgtool.ops.qlora: which base weights the LoRA was added to
+        lines.append(f"- Base weights: {report['qlora']['base_weights']} (see `qlora` in omgtool-merge.json and "
+                     "omgtool's docs/qlora.md).")
     if plan.vocab.get("output") != plan.vocab.get("base"):
         lines.append(f"- Vocabulary resized from {plan.vocab['base']} to {plan.vocab['output']} rows; "
                      "`config.json` `vocab_size` follows the rows.")
