@@ -137,6 +137,8 @@ def test_quantized_weight_without_lora_is_written_as_its_round_trip(tmp_path):
              "--dtype", "fp16", "--json")
     report = json.loads(res.stdout)
     assert report["counts"]["merged"] == 2
+    assert any("8 quantized weights without a LoRA are written as their 4-bit round trip" in n
+               for n in report["notes"])
     converted = report["tensors"]["converted"]
     assert "model.layers.0.feed_forward.w2.weight" in converted and "model.norm.weight" in converted
     base, got = load_base(), folder_weights(tmp_path / "o")

@@ -484,8 +484,12 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
     qlora = _plan_qlora(fam, analysis.stage, base_weights, bnb, items, comp_prefix, quant_stats)
     if qlora is not None and qlora.rounds_base:  # a quantized weight without a LoRA changes too
         quantized = set(qlora.quantized)
+        lone = sum(1 for i in items if i.name in quantized and i.lora is None)
         items = [dataclasses.replace(i, action="converted") if i.name in quantized and i.action == "copied" else i
                  for i in items]
+        if lone:
+            notes.append(f"--base-weights nf4-dequant: {lone} quantized weights without a LoRA are written as their "
+                         "4-bit round trip (converted)")
     if added:
         comps = sorted({analysis.matches[full[n]].component for n in added})
         notes.append(f"the base has no {', '.join(comps)}: {len(added)} tensors of the checkpoint are added to the "
