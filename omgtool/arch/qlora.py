@@ -54,6 +54,7 @@ class QloraPlan:
                 "notes": self.notes}
 
     def describe_lines(self, out_dtype: str | None) -> list[str]:
+        """The plan's lines; `out_dtype`: the merged model's dtype (canonical, e.g. BF16)."""
         from omgtool.formats.dtypes import HF_CONFIG_NAMES
 
         lines = [f"base weights: {self.mode}" + (
@@ -66,7 +67,7 @@ class QloraPlan:
         want = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[self.settings.compute_dtype]
         if self.rounds_base and out_dtype != want:
             lines.append(f"  suggestion: --dtype {self.settings.compute_dtype} (training's compute dtype; the merged "
-                         f"weights are now rounded to {HF_CONFIG_NAMES.get(out_dtype, out_dtype) if out_dtype else 'the base dtype'})")
+                         f"weights are now rounded to {HF_CONFIG_NAMES.get(out_dtype, out_dtype)})")
         return lines
 
 

@@ -143,7 +143,7 @@ def _print_header(plan) -> None:
         console.print(escape(f"merge-lora: alpha {plan.alpha:g} ({plan.alpha_source}); rank {lora['rank']}, "
                              f"scale {lora['scale']:g}; matmuls on {plan.device}"))
     if plan.qlora is not None:
-        for line in plan.qlora.describe_lines(plan.out_dtype):
+        for line in plan.qlora.describe_lines(plan.main_dtype):
             console.print(escape("merge-lora: " + line.strip()))
 
 

@@ -192,7 +192,7 @@ class MergePlan:
             lines.append(f"vocab: {self.vocab.get('base')} -> {self.vocab.get('output')} rows "
                          "(config.json vocab_size updated)")
         if self.qlora:
-            lines += self.qlora.describe_lines(self.out_dtype)
+            lines += self.qlora.describe_lines(self.main_dtype)
         for action in ("merged", "resized", "replaced", "added", "converted", "copied"):
             items = [i for i in self.model_items() if i.action == action]
             if not items:
