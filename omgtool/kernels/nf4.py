@@ -419,7 +419,7 @@ class StreamedRoundTrip:
     must start on a quantization block (aligned_rows)."""
 
     def __init__(self, read: Callable[[int, int], torch.Tensor], shape: tuple[int, ...], settings: QuantSettings,
-                 chunk_rows: int, device: str | torch.device = "cpu"):
+                 chunk_rows: int, device: str | torch.device = "cpu", release: Callable[[], None] | None = None):
         self.settings = settings
         self.shape = tuple(shape)
         self.cols = math.prod(self.shape[1:]) or 1
@@ -427,8 +427,11 @@ class StreamedRoundTrip:
         n_rows = self.shape[0]
         if (chunk_rows * self.cols) % settings.blocksize and chunk_rows < n_rows:
             raise ValueError(f"row blocks of {chunk_rows} x {self.cols} do not fill blocks of {settings.blocksize}")
-        parts = [load_absmax(read(start, min(start + chunk_rows, n_rows)).to(device), settings)
-                 for start in range(0, n_rows, chunk_rows)]
+        parts = []
+        for start in range(0, n_rows, chunk_rows):
+            parts.append(load_absmax(read(start, min(start + chunk_rows, n_rows)).to(device), settings))
+            if release is not None:  # e.g. drop the mmap pages read so far
+                release()
         self.absmax = torch.cat(parts)
         self.double = double_quantize(self.absmax) if settings.double_quant else None
         self.scales = self.double.dequantize() if self.double is not None else self.absmax

@@ -29,12 +29,9 @@ class TensorTrip:
         cols = math.prod(shape[1:]) or 1
         self.rows = aligned_rows(rows, cols, settings.blocksize)
 
-        def read(start: int, stop: int) -> torch.Tensor:
-            block = source.read(key)[start:stop].clone()
-            source.close()  # release the pages read so far (as the merge does per block)
-            return block
-
-        self.trip = StreamedRoundTrip(read, shape, settings, self.rows, device)
+        # the pages read are released after each block's absmax, as the merge does per block
+        self.trip = StreamedRoundTrip(lambda start, stop: source.read(key)[start:stop], shape, settings, self.rows,
+                                      device, release=source.close)
         self.norms = [0.0, 0.0]  # ||q||^2, ||W||^2 (float32 per block, summed in float64)
 
     def apply(self, start: int, w: torch.Tensor) -> torch.Tensor:
