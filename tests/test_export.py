@@ -450,12 +450,14 @@ def test_bad_inputs_exit_2_with_one_line(work, tmp_path):
 
 def test_header_mismatch_after_write_exits_1_and_publishes_nothing(tmp_path, monkeypatch):
     """The written headers are re-read: a shard whose header disagrees with the plan fails."""
+    import dataclasses
+
     from omgtool.formats import writer
 
     real = writer._header_bytes
 
     def corrupt(tensors, metadata):
-        tensors = [writer.PlannedTensor(t.name, t.shape, "F16" if t.name.endswith("q_proj.weight") else t.dtype)
+        tensors = [dataclasses.replace(t, dtype="F16") if t.name.endswith("q_proj.weight") else t
                    for t in tensors]
         return real(tensors, metadata)
 

@@ -1,32 +1,61 @@
-"""InternLM2 -> Llama, driven by `mappings/conv_internlm2_to_llama.toml`.
+"""Layout conversions, driven by `mappings/conv_<source>_to_<target>.toml`.
 
-Shared by `export --to llama` (streamed to disk) and `verify` (built in memory):
-one plan of target tensors, one config translation.
+Which conversion applies is chosen by the (source architecture, target) pair; the source
+architecture is read from config.json (`model_types` / `hf_architectures` of the
+architecture mappings), else from which architecture's embedding-role weight the tensors
+hold. Shared by `export --to llama` (streamed to disk) and `verify` (built in memory): one
+plan of target tensors, one config translation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterator
 
+from omgtool.arch.mapping import ConversionMapping, Registry, load_registry
 from omgtool.errors import InvalidArgument
 from omgtool.formats.base import Checkpoint
-from omgtool.arch.mapping import ConversionMapping, load_registry
 from omgtool.kernels.transforms import apply, convert_name, transform_shapes
+from omgtool.plan.model import PlannedTensor, Source
 
 
-@dataclass(frozen=True)
-class PlannedPiece:
-    target: str
-    source: str
-    transform: str
-    index: int  # which output of the transform
-    shape: tuple[int, ...]
-    dtype: str
+def architecture_of(config: dict[str, Any] | None, ckpt: Checkpoint | None = None,
+                    registry: Registry | None = None) -> str | None:
+    """The architecture mapping a model folder is in, or None."""
+    registry = registry or load_registry()
+    config = config if isinstance(config, dict) else {}
+    kind = str(config.get("model_type", "")).lower()
+    hf = set(config.get("architectures") or [])
+    for arch in registry.architectures.values():
+        if kind and kind in arch.model_types or hf & set(arch.hf_architectures):
+            return arch.name
+    if ckpt is not None:
+        for arch in registry.architectures.values():
+            emb = arch.weight_with_role("embedding")
+            if emb is not None and emb.name in ckpt.tensors:
+                return arch.name
+    return None
 
 
-def internlm2_to_llama() -> ConversionMapping:
-    return load_registry().conversion("internlm2", "llama")
+def conversion_between(source: str, target: str, registry: Registry | None = None) -> ConversionMapping:
+    return (registry or load_registry()).conversion(source, target)
+
+
+def conversion_for(config: dict[str, Any], target: str, ckpt: Checkpoint | None = None) -> ConversionMapping:
+    """The conversion from a folder's architecture (config.json, else its weights) to `target`."""
+    source = architecture_of(config, ckpt)
+    if source is None:
+        raise InvalidArgument(f"cannot tell the architecture of the folder (model_type "
+                              f"{config.get('model_type')!r}): no architecture mapping claims it")
+    return conversion_between(source, target)
+
+
+def role_target(conversion: ConversionMapping, role: str, registry: Registry | None = None) -> str:
+    """The target architecture's weight name with `role` ("embedding", "head")."""
+    arch = (registry or load_registry()).architecture(conversion.target)
+    spec = arch.weight_with_role(role)
+    if spec is None:
+        raise InvalidArgument(f"architecture {arch.name} names no {role} weight (role = \"{role}\")")
+    return spec.name
 
 
 def head_params(config: dict[str, Any]) -> dict[str, int]:
@@ -41,9 +70,9 @@ def head_params(config: dict[str, Any]) -> dict[str, int]:
 
 
 def plan_conversion(ckpt: Checkpoint, conversion: ConversionMapping, params: dict[str, int],
-                    dtype: str | None = None) -> tuple[list[PlannedPiece], list[str]]:
-    """(pieces in source order, source names no rule covers)."""
-    pieces: list[PlannedPiece] = []
+                    dtype: str | None = None, input_name: str = "src") -> tuple[list[PlannedTensor], list[str]]:
+    """(target tensors in source order, "transform" kernel; source names no rule covers)."""
+    pieces: list[PlannedTensor] = []
     uncovered: list[str] = []
     for name, info in ckpt.tensors.items():
         conv = convert_name(conversion, name)
@@ -52,25 +81,29 @@ def plan_conversion(ckpt: Checkpoint, conversion: ConversionMapping, params: dic
             continue
         shapes = transform_shapes(conv.transform, info.shape, params)
         for i, (target, shape) in enumerate(zip(conv.targets, shapes)):
-            pieces.append(PlannedPiece(target, name, conv.transform, i, shape, dtype or info.dtype))
+            pieces.append(PlannedTensor(target, tuple(shape), dtype or info.dtype, (Source(input_name, name),),
+                                        "transform", conv.transform, {"index": i, "heads": params},
+                                        action="split" if conv.transform != "identity" else "renamed"))
     return pieces, uncovered
 
 
-def iter_converted(ckpt: Checkpoint, pieces: list[PlannedPiece], params: dict[str, int]) -> Iterator[tuple[str, Any]]:
-    """Yield (target name, tensor) in plan order, reading each source tensor once."""
+def iter_converted(ckpt: Checkpoint, pieces: list[PlannedTensor], params: dict[str, int]) -> Iterator[tuple[str, Any]]:
+    """Yield (target name, tensor) in plan order, reading each source tensor once (in memory:
+    verify builds a model from it)."""
     from omgtool.formats.dtypes import torch_dtype
 
     current, outputs = None, None
     for piece in pieces:
-        if piece.source != current:
-            current = piece.source
-            outputs = apply(piece.transform, ckpt.read(piece.source), params)
-        yield piece.target, outputs[piece.index].to(torch_dtype(piece.dtype))
+        source = piece.sources[0].key
+        if source != current:
+            current = source
+            outputs = apply(piece.transform, ckpt.read(source), params)
+        yield piece.name, outputs[piece.params["index"]].to(torch_dtype(piece.dtype))
 
 
 def llama_config_dict(src: dict[str, Any], conversion: ConversionMapping, *, vocab_size: int | None = None,
                       dtype: str | None = None) -> dict[str, Any]:
-    """The InternLM2 config rewritten for LlamaForCausalLM, in the form the installed
+    """The source config rewritten for LlamaForCausalLM, in the form the installed
     transformers expects (its LlamaConfig normalises rope_scaling / rope_parameters)."""
     from transformers import LlamaConfig
 
@@ -94,5 +127,5 @@ def llama_config_dict(src: dict[str, Any], conversion: ConversionMapping, *, voc
     model_type = cfg.pop("model_type", None)
     config = LlamaConfig(**cfg)
     out = config.to_dict()
-    out["model_type"] = model_type or "llama"
+    out["model_type"] = model_type or conversion.target
     return out

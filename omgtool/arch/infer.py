@@ -7,7 +7,6 @@ user asks for (heads, kv heads, CLIP channels), each assumption stated with its 
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -186,11 +185,10 @@ ADAPTER_CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_m
 
 
 def lora_scaling(alpha: float, rank: int, ckpt: Checkpoint | None = None) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) when adapter_config.json sets use_rslora."""
-    cfg = ckpt.metadata.get("adapter_config") if ckpt is not None else None
-    if isinstance(cfg, dict) and cfg.get("use_rslora"):
-        return alpha / math.sqrt(rank)
-    return alpha / rank
+    """The checkpoint's LoRA scaling for `rank` (omgtool.kernels.lora says what it means)."""
+    from omgtool.kernels.lora import AdapterSettings, scaling
+
+    return scaling(alpha, rank, AdapterSettings.of(ckpt).use_rslora)
 
 
 def collect_dims(ckpt: Checkpoint, comp_matches: list[KeyMatch]) -> tuple[dict[str, int], list[str]]:

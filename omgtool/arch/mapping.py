@@ -36,7 +36,9 @@ class WeightSpec(_Strict):
     group: str
     dims: list[str] = Field(default_factory=list)  # meaning of each shape dim; "_" = don't care
     lora_target: bool = False
-    optional: bool = False
+    # what the weight is to the tools: "embedding" (token table) or "head" (output projection);
+    # exports and verify find these by role, never by name
+    role: Literal["embedding", "head"] | None = None
 
 
 class ArchitectureMapping(_Strict):
@@ -47,7 +49,13 @@ class ArchitectureMapping(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict)  # assumptions, each with a *_source
     derive: list[str] = Field(default_factory=list)  # named derivations in omgtool.arch.infer
     layer_count_key: str | None = None  # config.json key for the layer count
+    # how an HF config.json names this architecture (model_type, architectures)
+    model_types: list[str] = Field(default_factory=list)
+    hf_architectures: list[str] = Field(default_factory=list)
     weights: list[WeightSpec]
+
+    def weight_with_role(self, role: str) -> WeightSpec | None:
+        return next((w for w in self.weights if w.role == role), None)
 
     @model_validator(mode="after")
     def _check(self):
@@ -65,9 +73,11 @@ class ComponentSpec(_Strict):
     architecture: str
     prefixes: list[str]  # tried longest first
     required: bool = False
+    # the family's language model (what LoRA exports and verify work on)
+    language_model: bool = False
     # merge-lora: where this component's tensors go. "model": into the merged base model (its
     # weight names are the base's key names); a file name: carried there under the original
-    # key names. None: "model" for the component named "llm", else "projector.safetensors".
+    # key names. None: "model" for the language model, else "projector.safetensors".
     merge_into: str | None = None
     # merge-lora, for a component merged into the model: the prefix its weight names carry in
     # the base's key names (ColLlavaI's Qwen2 sits under "language_model."; "" = as is).
@@ -80,7 +90,7 @@ class ComponentSpec(_Strict):
     def merge_target(self) -> str:
         if self.merge_into is not None:
             return self.merge_into
-        return "model" if self.name == "llm" else "projector.safetensors"
+        return "model" if self.language_model else "projector.safetensors"
 
 
 class LoraSpec(_Strict):
@@ -105,12 +115,6 @@ class StageSpec(_Strict):
     description: str = ""
     present: list[str] = Field(default_factory=list)  # components that must have keys
     absent: list[str] = Field(default_factory=list)  # components that must have none
-
-
-class FileHint(_Strict):
-    """File or folder names that identify the family without looking at tensors."""
-
-    names: list[str] = Field(default_factory=list)  # glob patterns on the file/folder name
 
 
 class TokenSpec(_Strict):
@@ -144,11 +148,19 @@ class FamilyMapping(_Strict):
     components: list[ComponentSpec]
     lora: LoraSpec | None = None
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name="full", when="always")])
-    hints: FileHint = Field(default_factory=FileHint)
     tokens: TokensSpec | None = None
     # merge-lora: the output config.json is the base's, or the checkpoint folder's own
     # config.json when it has one (a LLaVA LoRA run keeps the LlavaConfig it was built with).
     merge_config: Literal["base", "checkpoint"] = "base"
+
+    @property
+    def language_models(self) -> list[ComponentSpec]:
+        return [c for c in self.components if c.language_model]
+
+    @property
+    def language_model(self) -> ComponentSpec | None:
+        """The language model component (the first, for a family with alternatives)."""
+        return next(iter(self.language_models), None)
 
 
 class RenameRule(_Strict):

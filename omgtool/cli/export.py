@@ -34,7 +34,10 @@ def cli(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="llama/safetensors folder: "
                                        "largest shard (HF units: 5GB, 500MB, 2GiB)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object (the export report)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (every output tensor, its source and "
+                                 "transform; the files written) and write nothing"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object (the plan with --dry-run, else "
+                                  "the export report)"),
 ) -> None:
     """Export a checkpoint for the wider ecosystem.
 
@@ -52,12 +55,14 @@ def cli(
     --to safetensors: every tensor with identical names, shapes, dtypes and bytes; metadata
     records the source file name and sha256. Unsafe pickles are refused.
 
+    --dry-run prints the plan (reads headers only, imports no torch) and writes nothing.
     After writing, the output headers are re-read and compared with the plan.
     Exit codes: 0 ok, 1 the written output does not match its plan, 2 unreadable input or bad
     arguments, 3 unsafe pickle refused.
     """
-    from omgtool.ops import export as lib
+    from omgtool.cli.bar import StderrBar
     from omgtool.cli.output import emit_json
+    from omgtool.ops import export as lib
 
     target = to.strip().lower()
     try:
@@ -69,16 +74,23 @@ def cli(
             raise InvalidArgument("--base-llama, --alpha and --family apply to --to peft only")
         if target == "safetensors" and dtype is not None:
             raise InvalidArgument("--to safetensors keeps every dtype; --dtype applies to llama and peft")
-        with _progress(enabled=not json_out and sys.stderr.isatty()) as progress:
-            if target == "llama":
-                report = lib.export_llama(src, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                                          progress=progress)
-            elif target == "peft":
-                report = lib.export_peft(src, base_llama, out, alpha=alpha, dtype=dtype, family=family,
-                                         force=force, progress=progress)
+        if target == "llama":
+            plan = lib.plan_llama(src, out, dtype=dtype, max_shard_size=max_shard_size)
+        elif target == "peft":
+            plan = lib.plan_peft(src, base_llama, out, alpha=alpha, dtype=dtype, family=family)
+        else:
+            plan = lib.plan_safetensors(src, out, max_shard_size=max_shard_size)
+        if dry_run:
+            plan.close()
+            if json_out:
+                emit_json({"dry_run": True, **plan.as_dict()})
             else:
-                report = lib.export_safetensors(src, out, force=force, max_shard_size=max_shard_size,
-                                                progress=progress)
+                print_plan(plan)
+            return
+        from omgtool.plan.execute import execute
+
+        with StderrBar("export", enabled=not json_out and sys.stderr.isatty()) as progress:
+            report = execute(plan, out, force=force, progress=progress)
     except OmgError as exc:
         if json_out:
             emit_json({"source": str(src), "to": to, "out": str(out), "error": exc.one_line(),
@@ -90,29 +102,15 @@ def cli(
         render(report)
 
 
-class _progress:
-    """A rich progress bar on stderr counting bytes written; a no-op callback when disabled."""
+def print_plan(plan) -> None:
+    from rich.markup import escape
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
+    from omgtool.cli.output import out
 
-    def __enter__(self):
-        if not self.enabled:
-            return lambda name, nbytes: None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        from omgtool.cli.output import err
-
-        self.bar = Progress(TextColumn("export"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            transient=True, console=err())
-        self.bar.__enter__()
-        task = self.bar.add_task("export", total=None)
-        return lambda name, nbytes: self.bar.advance(task, nbytes)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+    console = out()
+    for line in plan.describe().splitlines():
+        console.print(escape(line))
+    console.print("[dim]dry run: nothing written[/]")
 
 
 def render(report: dict[str, Any]) -> None:

@@ -65,6 +65,8 @@ def cli(
     plan; 2 unreadable input, bad arguments, or base and checkpoint do not match; 3 unsafe
     pickle refused; 130 interrupted.
     """
+    from omgtool.cli.bar import StderrBar
+    from omgtool.cli.export import print_plan
     from omgtool.cli.output import emit_json
     from omgtool.ops.merge import plan_merge, run_merge
 
@@ -80,11 +82,11 @@ def cli(
             if json_out:
                 emit_json({"dry_run": True, **plan.as_dict()})
             else:
-                _print_plan(plan)
+                print_plan(plan)
             return
         if not json_out:
             _print_header(plan)
-        with _progress(plan, enabled=not json_out and sys.stderr.isatty()) as progress:
+        with StderrBar("merge-lora", enabled=not json_out and sys.stderr.isatty()) as progress:
             report = run_merge(plan, out, force=force, progress=progress, hash_base=hash_base)
     except OmgError as exc:
         if json_out:
@@ -97,17 +99,6 @@ def cli(
         render(report)
 
 
-def _print_plan(plan) -> None:
-    from rich.markup import escape
-
-    from omgtool.cli.output import out
-
-    console = out()
-    for line in plan.describe().splitlines():
-        console.print(escape(line))
-    console.print("[dim]dry run: nothing written[/]")
-
-
 def _print_header(plan) -> None:
     """What is about to happen, on stderr (alpha and its source are always shown)."""
     from rich.markup import escape
@@ -115,47 +106,12 @@ def _print_header(plan) -> None:
     from omgtool.cli.output import err
 
     console = err()
-    lora = plan.lora_summary()
-    console.print(escape(f"merge-lora: {plan.checkpoint.name} into {plan.base.path} "
-                         f"({plan.base.how}); family {plan.family}, stage {plan.stage}"))
-    if lora:
-        console.print(escape(f"merge-lora: alpha {plan.alpha:g} ({plan.alpha_source}); rank {lora['rank']}, "
-                             f"scale {lora['scale']:g}; matmuls on {plan.device}"))
-
-
-class _progress:
-    """Rich progress on stderr: tensors done, GB written, ETA. A no-op callback when disabled."""
-
-    def __init__(self, plan, enabled: bool):
-        self.plan = plan
-        self.enabled = enabled
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda name, nbytes: None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, \
-            TimeElapsedColumn, TimeRemainingColumn
-
-        from omgtool.cli.output import err
-
-        self.bar = Progress(TextColumn("merge-lora"), BarColumn(), TextColumn("{task.fields[tensors]}"),
-                            DownloadColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            transient=True, console=err())
-        self.bar.__enter__()
-        total = len(self.plan.items)
-        task = self.bar.add_task("merge", total=self.plan.total_bytes, tensors=f"0/{total} tensors")
-        done = [0]
-
-        def update(name: str, nbytes: int) -> None:
-            done[0] += 1
-            self.bar.update(task, advance=nbytes, tensors=f"{done[0]}/{total} tensors")
-
-        return update
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+    f = plan.facts
+    console.print(escape(f"merge-lora: {Path(f['checkpoint']).name} into {f['base']['path']} "
+                         f"({f['base']['resolved_by']}); family {f['family']}, stage {f['stage']}"))
+    if f["lora"]:
+        console.print(escape(f"merge-lora: alpha {f['alpha']:g} ({f['alpha_source']}); rank {f['lora']['rank']}, "
+                             f"scale {f['lora']['scale']:g}; matmuls on {f['device']}"))
 
 
 def render(report: dict[str, Any]) -> None:

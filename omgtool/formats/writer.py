@@ -1,44 +1,32 @@
-"""Writers: planned, sharded safetensors written as tensors arrive, inside an atomic folder.
+"""Writers: planned, sharded safetensors written as tensors arrive, inside an atomic folder,
+and the one JSON file writer.
 
-The plan (every output name, shape, dtype) is fixed before the first byte is written,
-so headers can be written up front and each tensor streamed to disk as soon as it is
-computed: memory holds one tensor, never a shard. Nothing appears at the final path
-until everything succeeded (`atomic_output_dir`).
+The plan (every output name, shape, dtype: omgtool.plan.model.PlannedTensor, or anything
+with name/shape/dtype/nbytes) is fixed before the first byte is written, so headers can be
+written up front and each tensor streamed to disk as soon as it is computed: memory holds
+one tensor, never a shard. Nothing appears at the final path until everything succeeded
+(`atomic_output_dir`). omgtool.plan.execute drives all of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from omgtool.errors import InvalidArgument, OmgError
-from omgtool.formats.dtypes import ITEMSIZE
 
 DEFAULT_MAX_SHARD = "5GB"
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # canonical (F32, BF16, ...)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
-
-
-def shard_plan(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+def shard_plan(plan: list, max_shard_bytes: int) -> list[list]:
     """Split in order; a tensor larger than the limit gets a shard of its own (as HF does)."""
-    shards: list[list[PlannedTensor]] = [[]]
+    shards: list[list] = [[]]
     size = 0
     for t in plan:
         if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -49,7 +37,7 @@ def shard_plan(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[Pla
     return [s for s in shards if s] or [[]]
 
 
-def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None) -> bytes:
+def _header_bytes(tensors: list, metadata: dict[str, str] | None) -> bytes:
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -69,7 +57,7 @@ class ShardedSafetensorsWriter:
     `<stem>-0000i-of-0000N.safetensors` plus `<stem>.safetensors.index.json`.
     """
 
-    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_bytes: int,
+    def __init__(self, folder: Path, plan: list, max_shard_bytes: int,
                  stem: str = "model", metadata: dict[str, str] | None = None, index: bool = True):
         names = [t.name for t in plan]
         if len(set(names)) != len(names):
@@ -158,14 +146,14 @@ class ShardedSafetensorsWriter:
         if self.index_name:
             weight_map = {t.name: self.files[i] for i, shard in enumerate(self.shards) for t in shard}
             index = {"metadata": {"total_size": sum(t.nbytes for t in self.plan)}, "weight_map": weight_map}
-            (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
+            write_json(self.folder / self.index_name, index)
         return self.files + ([self.index_name] if self.index_name else [])
 
     def abort(self) -> None:
         self._close_file()
 
 
-def verify_written(folder: Path, files: list[str], plan: list[PlannedTensor]) -> list[str]:
+def verify_written(folder: Path, files: list[str], plan: list) -> list[str]:
     """Re-read the headers just written; return mismatches against the plan (empty = good)."""
     from omgtool.formats.safetensors_file import read_header
 
@@ -224,3 +212,31 @@ def check_free_space(folder: Path, needed: int) -> None:
     if needed > free:
         raise InvalidArgument(f"not enough free disk space in {probe}: need {needed / 1e9:.2f} GB, "
                               f"have {free / 1e9:.2f} GB")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Every JSON file omgtool writes: UTF-8, indented, non-ASCII kept as is."""
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def patch_metadata(file: Path, planned: dict[str, str], final: dict[str, str]) -> None:
+    """Replace a written header's placeholder metadata with the final values (same byte
+    length), then re-read the header to confirm."""
+    from omgtool.errors import CheckFailed
+    from omgtool.formats.safetensors_file import read_header
+
+    old = json.dumps(planned, separators=(",", ":")).encode()
+    new = json.dumps(final, separators=(",", ":")).encode()
+    if len(old) != len(new):
+        raise CheckFailed(f"{file.name}: metadata placeholder and value differ in length")
+    with open(file, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(n)
+        at = raw.find(old)
+        if at < 0 or raw.find(old, at + 1) >= 0:
+            raise CheckFailed(f"{file.name}: metadata placeholder not found once in the header")
+        fh.seek(8 + at)
+        fh.write(new)
+    _, meta, _ = read_header(file)
+    if meta != final:
+        raise CheckFailed(f"{file.name}: metadata reads back as {meta}, not {final}")

@@ -39,20 +39,39 @@ def split_grouped_qkv(t, *, num_heads: int, num_kv_heads: int, head_dim: int, **
     return [t.index_select(0, idx) for idx in grouped_qkv_rows(num_heads, num_kv_heads, head_dim)]
 
 
+def split_grouped_qkv_shapes(shape: tuple[int, ...], *, num_heads: int, num_kv_heads: int, head_dim: int,
+                             **_) -> list[tuple[int, ...]]:
+    return [(num_heads * head_dim, *shape[1:]), (num_kv_heads * head_dim, *shape[1:]),
+            (num_kv_heads * head_dim, *shape[1:])]
+
+
 def identity(t, **_):
     return [t]
 
 
-TRANSFORMS: dict[str, Callable] = {"identity": identity, "split_grouped_qkv": split_grouped_qkv}
+# name -> (tensor, **params) -> pieces, and name -> (shape, **params) -> piece shapes (no torch:
+# plans use the shapes). Conversion mappings name transforms; register_transform adds one.
+TRANSFORMS: dict[str, Callable] = {}
+SHAPES: dict[str, Callable] = {}
+
+
+def register_transform(name: str, apply_fn: Callable, shapes_fn: Callable) -> None:
+    TRANSFORMS[name] = apply_fn
+    SHAPES[name] = shapes_fn
+
+
+register_transform("identity", identity, lambda shape, **_: [tuple(shape)])
+register_transform("split_grouped_qkv", split_grouped_qkv, split_grouped_qkv_shapes)
+
+# Whole-weight transforms applied to a base weight's rows before a LoRA merge
+# (PlannedTensor.params["base_transform"]); name -> (tensor) -> tensor.
+WEIGHT_TRANSFORMS: dict[str, Callable] = {}
 
 
 def transform_shapes(transform: str, shape: tuple[int, ...], params: dict) -> list[tuple[int, ...]]:
-    if transform == "identity":
-        return [shape]
-    if transform == "split_grouped_qkv":
-        h, kv, d = params["num_heads"], params["num_kv_heads"], params["head_dim"]
-        return [(h * d, *shape[1:]), (kv * d, *shape[1:]), (kv * d, *shape[1:])]
-    raise InvalidArgument(f"unknown transform {transform!r}")
+    if transform not in SHAPES:
+        raise InvalidArgument(f"unknown transform {transform!r}")
+    return [tuple(int(d) for d in s) for s in SHAPES[transform](tuple(shape), **params)]
 
 
 @dataclass(frozen=True)

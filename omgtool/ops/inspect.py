@@ -102,16 +102,22 @@ def tensor_stats(ckpt, names: list[str],
 
 
 def update_strength(ckpt, analysis) -> list[dict[str, Any]]:
-    """||(alpha/r) B@A||_F per LoRA pair, via r x r Gram matrices (B@A never formed)."""
-    from omgtool.kernels.lora import delta_norm
+    """||scale B@A||_F per LoRA pair (scale as PEFT computes it: rsLoRA, alpha_pattern), via
+    r x r Gram matrices (B@A never formed)."""
+    from omgtool.kernels.lora import AdapterSettings, delta_norm, module_scale
 
     lora = analysis.architecture.get("lora") or {}
     alpha = lora.get("alpha")
+    user_alpha = str(lora.get("alpha_source", "")).startswith("user")
+    settings = AdapterSettings.of(ckpt)
     rows = []
     for pair in analysis.lora_pairs:
         a, b = ckpt.read(pair.a_key), ckpt.read(pair.b_key)
         rank = a.shape[0]
-        scale = alpha / rank if alpha is not None else 1.0
+        if alpha is not None:
+            _, scale = module_scale(pair.weight.removesuffix(".weight"), alpha, rank, settings, user_alpha)
+        else:
+            scale = 1.0
         rows.append({"component": pair.component, "layer": pair.layer, "module": pair.module,
                      "weight": pair.weight, "rank": rank, "scale": scale,
                      "delta_fro": delta_norm(a, b, scale)})

@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from omgtool.errors import InvalidArgument, UnreadableInput
+from omgtool.formats.names import PROJECTOR_FILE
+from omgtool.kernels.device import resolve_device
 
 TEXT_INPUT = "Please describe this picture and segment the main object."
 MM_INPUT = "<image>\nPlease segment the main object in this image."
 ANSWER = "Sure, it is [SEG]."
 MERGE_RECORD = "omgtool-merge.json"
 EXPORT_RECORD = "omgtool-export.json"
-PROJECTOR_FILE = "projector.safetensors"
 GPU_BUDGET_RATIO = 2.4  # peak GPU memory target: at most this many times the bf16 LLM weights
 GPU_MARGIN = 1 << 30  # activations, logits, vision trunk
 MIN_REL_TOL = {"fp32": 1e-4, "bf16": 1e-3}  # arithmetic floor when the measured floor is ~0
@@ -85,27 +86,6 @@ class _Run:
 
 
 # --- small helpers ----------------------------------------------------------------------------
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    device = (device or "auto").strip().lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InvalidArgument(f"--device {device}: CUDA is not available on this machine")
-        try:
-            index = torch.device(device).index
-        except RuntimeError as exc:
-            raise InvalidArgument(f"--device {device}: {exc}") from None
-        if index is not None and index >= torch.cuda.device_count():
-            raise InvalidArgument(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-        return device
-    if device == "cpu":
-        return device
-    raise InvalidArgument(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-
 
 def parse_max_memory(text: str | None) -> dict | None:
     """'0=20GiB,cpu=64GB' -> {0: bytes, 'cpu': bytes} (sizes as merge-lora's --max-shard-size)."""
@@ -211,6 +191,14 @@ def _read_record(path: Path, folder: Path) -> dict:
     return read_json_object(path, missing_ok=True)
 
 
+def _projector_prefixes() -> tuple[str, ...]:
+    """Key prefixes of the OMG-LLaVA projector component (mappings/family_omg_llava.toml)."""
+    from omgtool.arch.mapping import load_registry
+
+    family = load_registry().family("omg-llava")
+    return tuple(p for c in family.components if c.architecture == "omg_llava_projector" for p in c.prefixes)
+
+
 def find_projector(opts: VerifyOptions, adapter_ckpt):
     """(checkpoint holding projector.* keys, where it came from) or (None, reason)."""
     from omgtool.formats import open_checkpoint
@@ -220,7 +208,7 @@ def find_projector(opts: VerifyOptions, adapter_ckpt):
     own = Path(opts.folder) / PROJECTOR_FILE
     if own.is_file():
         return open_checkpoint(own), str(own)
-    if adapter_ckpt is not None and any(k.startswith("projector.") for k in adapter_ckpt.tensors):
+    if adapter_ckpt is not None and any(k.startswith(_projector_prefixes()) for k in adapter_ckpt.tensors):
         return adapter_ckpt, f"{adapter_ckpt.path} (the adapter checkpoint)"
     return None, f"no {PROJECTOR_FILE} in the folder, no --projector and no --adapter holding projector weights"
 
@@ -260,7 +248,7 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
 
     import torch
 
-    from omgtool.kernels.lora import _exact_matmul
+    from omgtool.kernels.lora import exact_matmul
 
     opts.folder = Path(opts.folder)
     if not opts.folder.is_dir():
@@ -290,7 +278,7 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(i)
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _exact_matmul():
+        with warnings.catch_warnings(), torch.no_grad(), exact_matmul():
             warnings.simplefilter("ignore")
             report = _verify(run, placement)
     finally:
