@@ -507,7 +507,8 @@ def _headline(s: _Planning, facts: dict[str, Any], total: int) -> list[str]:
     dt = f"{facts['dtype']} ({'--dtype' if s.out_dtype else 'the base dtype'})"
     model = sum(facts["counts"][a] for a in ACTIONS)
     lines.append(f"output: {model} model tensors, {format_size(total)} in all, dtype {dt}, "
-                 f"shards of at most {format_size(facts['max_shard_bytes'])}, matmuls on {facts['device']}")
+                 f"shards of at most {format_size(facts['max_shard_bytes'])}, matmuls on {facts['device']}"
+                 + (" (cuda when available, else cpu)" if facts["device"] == "auto" else ""))
     vocab = facts["vocab"]
     if vocab.get("output") != vocab.get("base"):
         lines.append(f"vocab: {vocab.get('base')} -> {vocab.get('output')} rows (config.json vocab_size updated)")

@@ -53,6 +53,11 @@ class PlannedTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "file": self.file,
+                "action": self.action, "kernel": self.kernel, "transform": self.transform,
+                "sources": [f"{s.input}:{s.key}" for s in self.sources]}
+
 
 @dataclass
 class TensorFile:
@@ -135,7 +140,8 @@ class Plan:
                 "files": {f.stem: len(self.tensors_of(f.stem)) for f in self.files.values()
                           if self.tensors_of(f.stem)},
                 "artifacts": [a.name for a in self.artifacts],
-                "bytes": self.total_bytes, "checks": self.checks, "notes": self.notes}
+                "bytes": self.total_bytes, "checks": self.checks, "notes": self.notes,
+                "planned": [t.as_dict() for t in self.tensors]}
 
     def describe(self) -> str:
         """The plan in words: what --dry-run prints."""
