@@ -28,6 +28,7 @@ test: $(STAMP)
 fixtures: $(STAMP)
 	$(PY) -m fixtures.generate --out fixtures/tiny
 	$(PY) -m fixtures.llava --out fixtures/tiny
+	$(PY) -m fixtures.qwen2 --out fixtures/tiny
 
 # The benchmarks are heavy (real-size files under /tmp): run them one by one, e.g.
 # `.venv/bin/python -m bench.bench_inspect`, then assemble docs/benchmarks.md:

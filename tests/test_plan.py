@@ -381,3 +381,16 @@ def test_mapping_schema_rejects_unknown_fields_and_reads_roles(tmp_path):
     arch.write_text(arch.read_text().replace('role = "lm-head"', 'optional = true'))
     with pytest.raises(InvalidArgument, match="arch_llama.toml"):
         load_registry(root)
+
+
+def test_manifest_hash_is_one_sha256_per_file_and_diff_checks_each(tmp_path):
+    from tests.paths import BASE as SHARDED
+
+    manifest = tmp_path / "m.json"
+    ok("inspect", SHARDED, "--manifest", manifest, "--hash", "--json")
+    recorded = json.loads(manifest.read_text())
+    shards = sorted(SHARDED.glob("*.safetensors"))
+    assert len(shards) == 2 and "sha256" not in recorded and "per file" in recorded["sha256_of"]
+    assert recorded["sha256_files"] == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in shards}
+    report = json.loads(ok("diff", manifest, SHARDED, "--hash", "--json").stdout)
+    assert report["hash"]["match"] is True and report["hash"]["expected"] == recorded["sha256_files"]

@@ -37,7 +37,7 @@ class StderrBar:
         if self._bar is not None:
             from rich.markup import escape
 
-            self._bar.console.print(f"[dim]{escape(text)}[/]")
+            self._bar.console.print(f"[dim]{escape(self.label)}: {escape(text)}[/]")
 
     def close(self) -> None:
         if self._bar is not None and self._task is not None:

@@ -61,47 +61,17 @@ def cli(
             emit_json({"a": str(a), "b": str(b), "error": exc.one_line(), "exit_code": exc.exit_code})
         raise
     progress_on = not json_out and sys.stderr.isatty()
-    with _Progress(progress_on) as bar:
+    from omgtool.cli.bar import StderrBar
+
+    with StderrBar("comparing", progress_on) as bar:
         report = diff_sides(side_a, side_b, normalize=not no_normalize, shapes_only=shapes_only, tol=tol,
-                            strict=strict, check_hash=check_hash, progress=bar.advance, on_total=bar.start)
+                            strict=strict, check_hash=check_hash, progress=bar)
     if json_out:
         emit_json(report)
     else:
         render(report, show)
     if report["differences"]:
         raise typer.Exit(1)
-
-
-class _Progress:
-    """A byte progress bar on stderr (only on a terminal, never with --json)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        self.task = None
-
-    def __enter__(self):
-        return self
-
-    def start(self, total: int) -> None:
-        if not self.enabled or total == 0:
-            return
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from omgtool.cli.output import err
-
-        self.bar = Progress(TextColumn("comparing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                            transient=True, console=err())
-        self.bar.start()
-        self.task = self.bar.add_task("diff", total=total)
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _fmt(v: Any) -> str:

@@ -11,7 +11,8 @@ from typing import Any, Optional
 import typer
 
 from omgtool.errors import UnsafeInput
-from omgtool.ops.inspect import build_report, sha256_files, tensor_stats, update_strength, write_manifest
+from omgtool.formats.hashing import sha256_files
+from omgtool.ops.inspect import build_report, tensor_stats, update_strength, write_manifest
 from omgtool.sizes import format_size
 
 
@@ -26,7 +27,7 @@ def cli(
     family: Optional[str] = typer.Option(None, "--family", help="force a family mapping (e.g. omg-llava)"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="also write a shape manifest "
                                             "JSON (name, shape, dtype of every tensor) to this file"),
-    with_hash: bool = typer.Option(False, "--hash", help="record the source sha256 in the manifest"),
+    with_hash: bool = typer.Option(False, "--hash", help="record each source file's sha256 in the manifest"),
 ) -> None:
     """Show what a checkpoint holds: format, tensors, groups, inferred architecture, safety.
 
@@ -49,7 +50,7 @@ def cli(
             manifest_report["tensors"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
                                           for t in ckpt.tensors.values()]
         write_manifest(manifest_report, manifest, digest)
-        report["manifest"] = {"path": str(manifest), "sha256": digest}
+        report["manifest"] = {"path": str(manifest), "sha256": digest}  # {file name: sha256}
     if stats:
         names = [t["name"] for t in report["tensors"]]
         report["stats"] = _stats_with_progress(ckpt, names, show=not json_out)
@@ -61,19 +62,10 @@ def cli(
 
 
 def _stats_with_progress(ckpt, names: list[str], show: bool) -> dict[str, dict[str, Any]]:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from omgtool.cli.bar import StderrBar
 
-    total = sum(ckpt.tensors[n].nbytes for n in names)
-    with Progress(TextColumn("stats"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  transient=True, disable=not show, console=_stderr()) as bar:
-        task = bar.add_task("stats", total=total)
-        return tensor_stats(ckpt, names, advance=lambda n: bar.advance(task, n))
-
-
-def _stderr():
-    from omgtool.cli.output import err
-
-    return err()
+    with StderrBar("stats", enabled=show) as bar:
+        return tensor_stats(ckpt, names, progress=bar)
 
 
 def _count(n: int) -> str:

@@ -48,19 +48,18 @@ def cli(
     Exit codes: 0 all checks passed (skipped ones named); 1 a check failed; 2 unreadable input or bad
     arguments; 3 unsafe pickle refused.
     """
-    from omgtool.cli.output import emit_json, err
+    from omgtool.cli.bar import StderrBar
+    from omgtool.cli.output import emit_json
     from omgtool.verify.run import VerifyOptions, parse_max_memory, run_verify
 
-    progress = None
-    if not json_out:
-        console = err()
-        progress = lambda msg: console.print(f"[dim]verify: {msg}[/]")  # noqa: E731
+    progress = StderrBar("verify", enabled=not json_out)
     opts = VerifyOptions(folder=folder, adapter=adapter, base=base, alpha=alpha, image=image,
                          vision_weights=vision_weights, projector=projector, device=device,
                          device_map=device_map, max_memory=parse_max_memory(max_memory),
                          offload_folder=offload_folder, precision=precision.lower(), num_queries=queries,
                          tolerance_factor=tolerance, progress=progress)
-    report = run_verify(opts)
+    with progress:
+        report = run_verify(opts)
     if json_out:
         emit_json(report)
     else:

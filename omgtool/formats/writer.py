@@ -76,39 +76,23 @@ class ShardedSafetensorsWriter:
         self.written = 0
 
     def write(self, name: str, tensor) -> None:
-        """Append the next planned tensor. Shape and dtype must match the plan exactly."""
+        """Append the next planned tensor whole (0-d tensors included). Shape and dtype must match
+        the plan exactly."""
         from omgtool.formats.dtypes import from_torch
 
-        try:
-            shard, planned = next(self._order)
-        except StopIteration:
-            raise OmgError(f"writer got {name} after the plan was complete") from None
-        if planned.name != name:
-            raise OmgError(f"writer expected {planned.name} next, got {name}")
+        planned = self._begin(name)
         if tuple(tensor.shape) != planned.shape or from_torch(tensor.dtype) != planned.dtype:
             raise OmgError(f"{name}: got {list(tensor.shape)} {from_torch(tensor.dtype)}, planned "
                            f"{list(planned.shape)} {planned.dtype}")
-        if shard != self._shard:
-            self._open(shard)
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
-        self._fh.write(memoryview(data))
+        self._append(tensor)
         self.written += planned.nbytes
 
     def write_rows(self, name: str, blocks) -> None:
         """Append the next planned tensor from consecutive row blocks (dim-0 slices, in order),
         so a large tensor never exists whole in memory. The blocks must add up to the plan."""
-        import torch
-
         from omgtool.formats.dtypes import from_torch
 
-        try:
-            shard, planned = next(self._order)
-        except StopIteration:
-            raise OmgError(f"writer got {name} after the plan was complete") from None
-        if planned.name != name:
-            raise OmgError(f"writer expected {planned.name} next, got {name}")
-        if shard != self._shard:
-            self._open(shard)
+        planned = self._begin(name)
         rows = 0
         for block in blocks:
             if tuple(block.shape[1:]) != planned.shape[1:] or from_torch(block.dtype) != planned.dtype:
@@ -117,11 +101,28 @@ class ShardedSafetensorsWriter:
             rows += block.shape[0]
             if rows > planned.shape[0]:
                 raise OmgError(f"{name}: blocks exceed the planned {planned.shape[0]} rows")
-            data = block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._fh.write(memoryview(data))
+            self._append(block)
         if rows != planned.shape[0]:
             raise OmgError(f"{name}: blocks gave {rows} rows, planned {planned.shape[0]}")
         self.written += planned.nbytes
+
+    def _begin(self, name: str):
+        """The plan entry `name` must be next; opens its shard."""
+        try:
+            shard, planned = next(self._order)
+        except StopIteration:
+            raise OmgError(f"writer got {name} after the plan was complete") from None
+        if planned.name != name:
+            raise OmgError(f"writer expected {planned.name} next, got {name}")
+        if shard != self._shard:
+            self._open(shard)
+        return planned
+
+    def _append(self, tensor) -> None:
+        import torch
+
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
 
     def _open(self, shard: int) -> None:
         self._close_file()

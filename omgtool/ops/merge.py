@@ -37,7 +37,7 @@ from typing import Any
 
 from omgtool.errors import InvalidArgument, MismatchError, UnreadableInput
 from omgtool.formats.names import BASE_README, CONFIG, EXTRAS_FILE, MERGE_RECORD, README
-from omgtool.plan.model import Artifact, Input, Plan, PlannedTensor, Source, TensorFile, compress_names, main_dtype
+from omgtool.plan.model import Artifact, Input, Plan, PlannedTensor, Source, TensorFile, main_dtype
 from omgtool.progress import NULL_PROGRESS, Progress
 from omgtool.sizes import format_size, size_on_disk
 

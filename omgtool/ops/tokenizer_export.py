@@ -13,7 +13,6 @@ compared with SentencePiece's own on a fixed probe set (`check_tokenizer`).
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from omgtool.errors import UnreadableInput
 from omgtool.formats.jsonfile import read_json_object
+from omgtool.formats.writer import write_json
 from omgtool.formats.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, SpmModel, read_spm
 
 # Source tokenizer files that are rewritten (or dropped: remote code) rather than carried.
@@ -164,7 +164,7 @@ def write_llama_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
                                  for i, e in sorted(all_added.items())},
     })
     cfg.setdefault("unk_token", next((spm.pieces[i][0] for i in spm.ids_of(UNKNOWN)), "<unk>"))
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    write_json(dst / "tokenizer_config.json", cfg)
     if (src / "special_tokens_map.json").is_file():
         shutil.copyfile(src / "special_tokens_map.json", dst / "special_tokens_map.json")
     files = sorted(p.name for p in dst.iterdir() if p.name in TOKENIZER_FILES)
@@ -186,7 +186,7 @@ def _carry_fast_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
     cfg = read_json_object(src / "tokenizer_config.json", missing_ok=True)
     cfg.pop("auto_map", None)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    write_json(dst / "tokenizer_config.json", cfg)
     added = {e["content"]: int(i) for i, e in (cfg.get("added_tokens_decoder") or {}).items()
              if isinstance(e, dict) and "content" in e}
     return {"files": sorted(p.name for p in dst.iterdir() if p.name in TOKENIZER_FILES),

@@ -24,17 +24,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omgtool.errors import InvalidArgument, UnreadableInput
-from omgtool.formats.names import PROJECTOR_FILE
+from omgtool.formats.names import EXPORT_RECORD, MERGE_RECORD, PROJECTOR_FILE
 from omgtool.kernels.device import resolve_device
+from omgtool.progress import NULL_PROGRESS, Progress
 
 TEXT_INPUT = "Please describe this picture and segment the main object."
 MM_INPUT = "<image>\nPlease segment the main object in this image."
 ANSWER = "Sure, it is [SEG]."
-MERGE_RECORD = "omgtool-merge.json"
-EXPORT_RECORD = "omgtool-export.json"
+
+
 GPU_BUDGET_RATIO = 2.4  # peak GPU memory target: at most this many times the bf16 LLM weights
 GPU_MARGIN = 1 << 30  # activations, logits, vision trunk
 MIN_REL_TOL = {"fp32": 1e-4, "bf16": 1e-3}  # arithmetic floor when the measured floor is ~0
@@ -58,7 +59,7 @@ class VerifyOptions:
     num_queries: int = 300
     tolerance_factor: float = 3.0
     seed: int = 0
-    progress: Callable[[str], None] | None = None
+    progress: Progress = NULL_PROGRESS  # notes: one line per step
 
 
 @dataclass
@@ -71,8 +72,7 @@ class _Run:
     synthesized: list[str] = field(default_factory=list)
 
     def say(self, msg: str) -> None:
-        if self.opts.progress:
-            self.opts.progress(msg)
+        self.opts.progress.note(msg)
 
     @contextmanager
     def timed(self, name: str):
