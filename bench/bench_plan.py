@@ -9,7 +9,10 @@ built on torch's meta device), the data regions left as holes (os.truncate). Tha
 zeros, and none of the planned commands does. The finetune is a safetensors file (one of
 the generator's containers) so no pickle of 8 GB has to be written.
 
-    .venv/bin/python -m bench.bench_plan [--layers 32] [--repeat 5]
+    .venv/bin/python -m bench.bench_plan [--layers 32] [--repeat 5] [--before DIR]
+
+(--before DIR: `git archive <older commit> omgtool mappings | tar -x -C DIR`, measured on the
+same inputs.)
 
 Writes docs/benchmarks/plan.md.
 """
@@ -21,6 +24,7 @@ import datetime
 import json
 import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,9 +95,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/omgtool-bench-plan"))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "plan.md")
+    ap.add_argument("--before", type=Path, help="a source tree of omgtool before the plan layer (git archive of an "
+                    "older commit): its merge-lora --dry-run is measured too, on the same inputs")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
-    base, ft = build(args.workdir, args.layers)
+    # built in a child: a child's ru_maxrss starts at its parent's peak, so this process stays small
+    subprocess.run([sys.executable, "-c", f"from pathlib import Path; from bench.bench_plan import build; "
+                    f"build(Path({str(args.workdir)!r}), {args.layers})"], check=True, cwd=ROOT)
+    base = args.workdir / "internlm2-chat-7b"
+    ft = args.workdir / "omg_llava_7b_finetune_8gpus.safetensors"
     n_base = len(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"])
     with open(ft, "rb") as fh:
         n_ft = len(json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0])))
@@ -109,7 +119,12 @@ def main() -> None:
                 "--json"]),
         ("python -c 'import torch' (for scale)", [sys.executable, "-c", "import torch"]),
     ]
-    results = [(label, measure(cmd, args.repeat)) for label, cmd in rows]
+    envs = {}
+    if args.before:
+        label = f"merge-lora --dry-run --json before the plan layer ({args.before.name})"
+        rows.append((label, [sys.executable, "-P"] + rows[1][1][1:]))  # -P: the cwd (this tree) not on sys.path
+        envs[label] = {"PYTHONPATH": str(args.before.resolve())}
+    results = [(label, measure(cmd, args.repeat, env=envs.get(label))) for label, cmd in rows]
     baseline = results[0][1]
     date = datetime.date.today().isoformat()
     lines = ["## plan (--dry-run)", "",
@@ -117,8 +132,14 @@ def main() -> None:
              f"- inputs: header-exact sparse files of the real structure ({args.layers} layers, real width): an "
              f"InternLM2-chat-7B folder (2 bf16 shards, {n_base} tensors) and the OMG-LLaVA finetune ({n_ft} "
              "tensors, fp32 LoRA r=512, 110 stand-in extra keys) as safetensors",
-             f"- command: `.venv/bin/python -m bench.bench_plan --layers {args.layers} --repeat {args.repeat}`; "
-             f"each row the median wall of {args.repeat} child-process runs; peak RSS = max ru_maxrss", "",
+             f"- command: `.venv/bin/python -m bench.bench_plan --layers {args.layers} --repeat {args.repeat}"
+             + (f" --before {args.before}" if args.before else "") + "`; "
+             f"each row the median wall of {args.repeat} child-process runs; peak RSS = max ru_maxrss; the 2 cores "
+             "were shared with other jobs during the run, so wall times are noisy: CPU s is the steadier figure"]
+    if args.before:
+        lines.append(f"- the last row runs the tree of commit {args.before.name} (before the plan layer, when "
+                     "`merge-lora --dry-run` imported torch to resolve --device) on the same inputs")
+    lines += ["",
              "| command | wall s | CPU s | peak RSS MB | wall vs inspect | RSS vs inspect |",
              "|---|---:|---:|---:|---:|---:|"]
     for label, r in results:
