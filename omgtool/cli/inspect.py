@@ -178,7 +178,7 @@ def _render_heatmap(console, rows: list[dict[str, Any]]) -> None:
     cell = {(r["layer"], r["module"]): r["delta_fro"] for r in rows}
     top = max(cell.values()) or 1.0
     palette = ["grey23", "blue", "cyan", "green", "yellow", "dark_orange", "red"]
-    table = Table(title="LoRA update strength ||(alpha/r)·B@A||_F (layer × module)", title_justify="left")
+    table = Table(title="LoRA update strength ||scale·B@A||_F (layer × module)", title_justify="left")
     table.add_column("layer", justify="right")
     for m in modules:
         table.add_column(m, justify="right")
