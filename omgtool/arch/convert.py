@@ -9,13 +9,39 @@ plan of target tensors, one config translation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
-from omgtool.arch.mapping import ConversionMapping, Registry, load_registry
+from omgtool.arch.mapping import ConversionMapping, Registry, load_registry, template_regex
 from omgtool.errors import InvalidArgument
 from omgtool.formats.base import Checkpoint
-from omgtool.kernels.transforms import apply, convert_name, transform_shapes
+from omgtool.kernels.transforms import TRANSFORMS, apply, transform_shapes
 from omgtool.plan.model import PlannedTensor, Source
+
+
+@dataclass(frozen=True)
+class ConvertedName:
+    source: str
+    targets: tuple[str, ...]
+    transform: str
+
+
+def _fill(template: str, layer: str | None) -> str:
+    return template.replace("{layer}", layer) if layer is not None else template
+
+
+def convert_name(conversion: ConversionMapping, name: str) -> ConvertedName | None:
+    """Which target name(s) and transform a source weight name maps to; None if no rule."""
+    for rule in conversion.rules:
+        m = template_regex(rule.source).match(name)
+        if m is None:
+            continue
+        layer = m.group("layer") if "layer" in m.re.groupindex else None
+        targets = rule.target if isinstance(rule.target, list) else [rule.target]
+        if rule.transform not in TRANSFORMS:
+            raise InvalidArgument(f"conversion {conversion.name}: unknown transform {rule.transform!r}")
+        return ConvertedName(name, tuple(_fill(t, layer) for t in targets), rule.transform)
+    return None
 
 
 def architecture_of(config: dict[str, Any] | None, ckpt: Checkpoint | None = None,

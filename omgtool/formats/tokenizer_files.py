@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omgtool.errors import MismatchError, UnreadableInput
 from omgtool.formats.jsonfile import read_json_object
 from omgtool.formats.writer import write_json
-from omgtool.arch.mapping import TokensSpec
+
+if TYPE_CHECKING:  # the family mapping's [tokens] table; formats import nothing from arch at run time
+    from omgtool.arch.mapping import TokensSpec
 
 #: Files this module rewrites when tokens are registered (the rest of the base is carried).
 WRITTEN_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")

@@ -1,4 +1,4 @@
-"""Named tensor transforms that conversion mappings refer to, and the rule engine.
+"""Named tensor transforms that conversion mappings refer to (omgtool.arch.convert matches the rules).
 
 Transforms act on rows (dim 0), so the same rule applies to a weight and to the B
 factor of a LoRA on it; the A factor is shared by every piece of a split.
@@ -6,11 +6,9 @@ factor of a LoRA on it; the A factor is shared by every piece of a split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from omgtool.errors import InvalidArgument
-from omgtool.arch.mapping import ConversionMapping, template_regex
 
 
 def grouped_qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int):
@@ -72,31 +70,6 @@ def transform_shapes(transform: str, shape: tuple[int, ...], params: dict) -> li
     if transform not in SHAPES:
         raise InvalidArgument(f"unknown transform {transform!r}")
     return [tuple(int(d) for d in s) for s in SHAPES[transform](tuple(shape), **params)]
-
-
-@dataclass(frozen=True)
-class ConvertedName:
-    source: str
-    targets: tuple[str, ...]
-    transform: str
-
-
-def _fill(template: str, layer: str | None) -> str:
-    return template.replace("{layer}", layer) if layer is not None else template
-
-
-def convert_name(conversion: ConversionMapping, name: str) -> ConvertedName | None:
-    """Which target name(s) and transform a source weight name maps to; None if no rule."""
-    for rule in conversion.rules:
-        m = template_regex(rule.source).match(name)
-        if m is None:
-            continue
-        layer = m.group("layer") if "layer" in m.re.groupindex else None
-        targets = rule.target if isinstance(rule.target, list) else [rule.target]
-        if rule.transform not in TRANSFORMS:
-            raise InvalidArgument(f"conversion {conversion.name}: unknown transform {rule.transform!r}")
-        return ConvertedName(name, tuple(_fill(t, layer) for t in targets), rule.transform)
-    return None
 
 
 def apply(transform: str, tensor, params: dict) -> list:

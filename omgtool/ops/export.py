@@ -215,11 +215,11 @@ def plan_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, *,
     finetune checkpoint. wqkv's LoRA becomes q/k/v LoRAs with A shared and B's rows split by
     the grouped layout; trained full weights (embeddings, lm_head) become modules_to_save,
     with a LoRA on such a module folded into it (W + scale*B@A in fp32, rounded once)."""
-    from omgtool.arch.convert import conversion_between, head_params, role_target
+    from omgtool.arch.convert import conversion_between, convert_name, head_params, role_target
     from omgtool.arch.infer import analyze, resolve_alpha
     from omgtool.formats import open_checkpoint
     from omgtool.kernels.lora import AdapterSettings, is_transposed, module_scale
-    from omgtool.kernels.transforms import convert_name, transform_shapes
+    from omgtool.kernels.transforms import transform_shapes
 
     ckpt_path, base_llama, out = Path(ckpt_path), Path(base_llama), Path(out)
     ckpt = open_checkpoint(ckpt_path)

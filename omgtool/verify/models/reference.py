@@ -53,8 +53,8 @@ class AdapterParts:
 
 def adapter_parts(adapter_ckpt, analysis, params: dict[str, int], conversion=None) -> AdapterParts:
     """The adapter's LLM pieces in Llama names: full weights to replace, LoRA factors per module."""
-    from omgtool.arch.convert import conversion_between
-    from omgtool.kernels.transforms import apply, convert_name
+    from omgtool.arch.convert import conversion_between, convert_name
+    from omgtool.kernels.transforms import apply
 
     if analysis.family is None:
         raise InvalidArgument("the adapter checkpoint's family is unknown (no mapping explains its keys)")
