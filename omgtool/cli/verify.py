@@ -50,7 +50,8 @@ def cli(
     """
     from omgtool.cli.bar import StderrBar
     from omgtool.cli.output import emit_json
-    from omgtool.verify.run import VerifyOptions, parse_max_memory, run_verify
+    from omgtool.verify.placement import parse_max_memory
+    from omgtool.verify.run import VerifyOptions, run_verify
 
     progress = StderrBar("verify", enabled=not json_out)
     opts = VerifyOptions(folder=folder, adapter=adapter, base=base, alpha=alpha, image=image,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import math
-import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from typing import Any
 from omgtool.errors import InvalidArgument, UnreadableInput
 from omgtool.formats.names import EXPORT_RECORD, MERGE_RECORD, PROJECTOR_FILE
 from omgtool.kernels.device import resolve_device
+from omgtool.verify.placement import GPU_BUDGET_RATIO, capped_placement, fp32_placement, free_memory, param_bytes, \
+    peak_rss_bytes
 from omgtool.progress import NULL_PROGRESS, Progress
 
 TEXT_INPUT = "Please describe this picture and segment the main object."
@@ -36,8 +37,6 @@ MM_INPUT = "<image>\nPlease segment the main object in this image."
 ANSWER = "Sure, it is [SEG]."
 
 
-GPU_BUDGET_RATIO = 2.4  # peak GPU memory target: at most this many times the bf16 LLM weights
-GPU_MARGIN = 1 << 30  # activations, logits, vision trunk
 MIN_REL_TOL = {"fp32": 1e-4, "bf16": 1e-3}  # arithmetic floor when the measured floor is ~0
 PREFIX_REL_TOL = {"fp32": 1e-4, "bf16": 2e-2}
 
@@ -86,42 +85,6 @@ class _Run:
 
 
 # --- small helpers ----------------------------------------------------------------------------
-
-def parse_max_memory(text: str | None) -> dict | None:
-    """'0=20GiB,cpu=64GB' -> {0: bytes, 'cpu': bytes} (sizes as merge-lora's --max-shard-size)."""
-    from omgtool.sizes import parse_size
-
-    if not text:
-        return None
-    out: dict = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        if "=" not in part:
-            raise InvalidArgument(f"--max-memory {text!r}: use DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=64GB")
-        key, size = (s.strip() for s in part.split("=", 1))
-        dev: int | str = int(key) if key.isdigit() else key.lower()
-        if isinstance(dev, str) and dev.startswith("cuda:") and dev[5:].isdigit():
-            dev = int(dev[5:])
-        if not isinstance(dev, int) and dev not in ("cpu", "disk", "mps"):
-            raise InvalidArgument(f"--max-memory: unknown device {key!r} (use a GPU index, cpu)")
-        out[dev] = parse_size(size)
-    return out or None
-
-
-def free_memory(device: str) -> int:
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
 
 def logit_stats(logits) -> dict[str, Any]:
     x = logits.float()
@@ -694,7 +657,7 @@ def _check_merge(run: _Run, merged_logits, ids, base_path, base_source, adapter_
         _free(ref_model)
         del ref_model
         _free()
-        fp32_place = _fp32_placement(run, placement, 2 * _param_bytes(analysis, adapter_ckpt, base_path))
+        fp32_place = fp32_placement(run, placement, 2 * param_bytes(analysis, adapter_ckpt, base_path))
         with run.timed("floor"):
             ref32_model, _, _ = build_reference(base_path, adapter_ckpt, analysis, torch.float32, fp32_place,
                                                 alpha=opts.alpha)
@@ -735,39 +698,3 @@ def _peft_merged_rounded(ref_model, placement, ids, stored_dtype):
                 for start in range(0, w.shape[0], 8192):  # in place, one row chunk at a time
                     w[start:start + 8192].copy_(w[start:start + 8192].to(stored_dtype))
     return _forward(ref_model, placement, input_ids=ids).logits.float().cpu()
-
-
-def capped_placement(run: _Run, placement, need: int):
-    """On a GPU without an explicit device map: the placement as given when `need` bytes of weights
-    (+ PEFT's merge temporaries + activations) fit the GPU budget and the free memory; otherwise
-    accelerate's device map with the GPU capped there and the rest on the CPU (streamed to the GPU
-    layer by layer at each forward)."""
-    import torch
-
-    from omgtool.verify.models.llm import Placement
-
-    if placement.device_map is not None or not placement.device.startswith("cuda"):
-        return placement
-    cap = min(run.gpu_budget or 1 << 62, int(free_memory(placement.device) * 0.95))
-    cap -= run.transient + GPU_MARGIN
-    if need <= cap:
-        return placement
-    idx = torch.device(placement.device).index or 0
-    return Placement(placement.device, "auto", {idx: max(cap, 1 << 28), "cpu": int(free_memory("cpu") * 0.8)},
-                     placement.offload_folder, scratch=placement.scratch)
-
-
-def _fp32_placement(run: _Run, placement, need: int):
-    """Where the fp32 copy of the reference runs (bf16 mode's noise floor)."""
-    if placement.device_map is not None and placement.device.startswith("cuda"):
-        return placement
-    return capped_placement(run, placement, need)
-
-
-def _param_bytes(analysis, adapter_ckpt, base_path) -> int:
-    """bf16 bytes of base + LoRA (x2 gives the fp32 footprint)."""
-    from omgtool.formats import open_checkpoint
-
-    base = open_checkpoint(base_path)
-    lora = sum(adapter_ckpt.tensors[k].numel for p in analysis.lora_pairs for k in (p.a_key, p.b_key))
-    return 2 * (sum(t.numel for t in base.tensors.values()) + lora)
