@@ -12,12 +12,14 @@ from typing import Any, Optional
 
 import typer
 
+from omgtool.cli.scan import allow_global_option, trusting_globals
 from omgtool.errors import InvalidArgument, OmgError
 from omgtool.sizes import format_size
 
 TARGETS = ("llama", "peft", "safetensors")
 
 
+@trusting_globals
 def cli(
     src: Path = typer.Argument(..., help="llama: an InternLM2 HF folder (base or merge-lora output); "
                                "peft: a finetune checkpoint with LoRA; safetensors: any readable checkpoint"),
@@ -35,6 +37,7 @@ def cli(
                                        "largest shard (HF units: 5GB, 500MB, 2GiB)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (the export report)"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Export a checkpoint for the wider ecosystem.
 
