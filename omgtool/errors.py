@@ -66,7 +66,9 @@ class Finding:
 
     @property
     def target(self) -> str:
-        return f"{self.module}.{self.name}" if self.module or self.name else "?"
+        if self.module and self.name:
+            return f"{self.module}.{self.name}"
+        return self.module or self.name or "?"
 
     def describe(self) -> str:
         where = f"{self.member}@{self.offset}" if self.member else f"@{self.offset}"

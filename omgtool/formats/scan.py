@@ -152,7 +152,10 @@ class _Scan:
         self.result.globals_seen |= walked.globals_seen
 
     def kind(self, kind: str) -> None:
-        if self.result.kind == NOT_A_PICKLE or kind == "torchscript":
+        """The first container found names the file; TorchScript and tar (what torch.load
+        would take it for) override a plain pickle."""
+        current = self.result.kind
+        if current == NOT_A_PICKLE or kind == "torchscript" or kind == "torch-tar" and current == "pickle":
             self.result.kind = kind
 
     def one(self, data, start: int, member: str) -> WalkResult | None:
