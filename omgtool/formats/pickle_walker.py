@@ -180,13 +180,25 @@ def _set(*args):
     return {_key(x) for x in (args[0] if args and isinstance(args[0], (list, tuple, set, frozenset)) else ())}
 
 
+def _bytes(*args):
+    if args and not isinstance(args[0], (bytes, bytearray, list)):
+        raise MalformedPickle("bytes() of an unexpected value")
+    return bytes(args[0]) if args else b""
+
+
+def _complex(real=0.0, imag=0.0):
+    if not all(isinstance(x, (int, float)) for x in (real, imag)):
+        raise MalformedPickle("complex() with non-numbers")
+    return complex(real, imag)
+
+
 def _frozenset(*args):
     return frozenset(_set(*args))
 
 
 _CALLABLE_STUBS = {
     _rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter, _rebuild_from_type_v2,
-    _codecs_encode, _ordered_dict, _set, _frozenset,
+    _codecs_encode, _ordered_dict, _set, _frozenset, _complex, _bytes,
 }
 
 # (module, name) -> inert stand-in, for the globals `pickle_grades` calls safe. A safe global
@@ -196,6 +208,8 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "Counter"): _ordered_dict,
     ("builtins", "set"): _set,
     ("builtins", "frozenset"): _frozenset,
+    ("builtins", "complex"): _complex,
+    ("builtins", "bytes"): _bytes,
     ("builtins", "bytearray"): lambda *a: bytearray(a[0]) if a and isinstance(a[0], (bytes, bytearray)) else bytearray(),
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
@@ -942,8 +956,8 @@ _STUB_SET = {v for v in ALLOWED_GLOBALS.values() if callable(v) and not isinstan
 
 
 def _sanitize(value, depth: int = 0, seen: dict | None = None, path: set | None = None):
-    """The walked value with cycles and over-deep nesting replaced by Opaque stand-ins and
-    identity keys unwrapped, so consumers can recurse over it safely."""
+    """The walked value with cycles, over-deep nesting and repeated non-flat shared structure
+    replaced by Opaque stand-ins, so consumers can recurse over it safely."""
     if seen is None:
         seen, path = {}, set()
     if isinstance(value, _IdKey):
@@ -953,8 +967,10 @@ def _sanitize(value, depth: int = 0, seen: dict | None = None, path: set | None 
     ident = id(value)
     if ident in path:
         return Opaque("cycle")
-    if ident in seen:
-        return seen[ident]
+    if ident in seen:  # shared (memo) structure: only flat leaves are repeated, so a DAG never explodes
+        flat = not isinstance(value, dict) and all(not isinstance(v, (dict, list, tuple, set, frozenset))
+                                                   for v in value)
+        return seen[ident] if flat else Opaque("shared reference")
     if depth >= MAX_VALUE_DEPTH:
         return Opaque("nested too deep")
     path.add(ident)
@@ -962,6 +978,8 @@ def _sanitize(value, depth: int = 0, seen: dict | None = None, path: set | None 
         if isinstance(value, dict):
             out = StateDict() if isinstance(value, StateDict) else {}
             for k, v in value.items():
+                if isinstance(k, _IdKey):
+                    k = _IdKey(_sanitize(k.value, depth + 1, seen, path))
                 out[k] = _sanitize(v, depth + 1, seen, path)
             if isinstance(value, StateDict):
                 out.attrs = value.attrs
