@@ -46,6 +46,7 @@ MAX_MEMO = 1_000_000
 MAX_LONG_BYTES = 1 << 16
 MAX_EMBEDDED_DEPTH = 2
 MAX_VALUE_DEPTH = 100  # deeper structure is summarised as an Opaque in the returned value
+MAX_INLINE_BYTES = 64 << 20  # longer bytes/str arguments are stepped over, not copied
 HIGHEST_PROTOCOL = 5
 
 
@@ -276,13 +277,13 @@ class _Source:
     def _truncated(self):
         raise MalformedPickle("pickle data was truncated")
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int, copy: bool = True) -> bytes:
         if n < 0:
             raise MalformedPickle("negative length")
         if self.idx + n <= self.bl:
             start = self.bs + self.idx
             self.idx += n
-            return self.data[start:start + n]
+            return self.data[start:start + n] if copy else b""
         if not self.file_mode:
             self._truncated()
         if self.idx < self.bl:  # the C unpickler drops the rest of its buffer here
@@ -291,14 +292,14 @@ class _Source:
             self._truncated()
         self.bs, self.bl, self.idx = self.fpos, n, n
         self.fpos += n
-        return self.data[self.bs:self.bs + n]
+        return self.data[self.bs:self.bs + n] if copy else b""
 
-    def read_counted(self, n: int) -> bytes:
+    def read_counted(self, n: int, copy: bool = True) -> bytes:
         """BINBYTES/BYTEARRAY8 data: buffered part, then the file (contiguous in both modes)."""
         if n < 0:
             raise MalformedPickle("negative length")
         if self.idx + n <= self.bl:
-            return self.read(n)
+            return self.read(n, copy)
         if not self.file_mode:
             self._truncated()
         have = self.bl - self.idx
@@ -307,7 +308,7 @@ class _Source:
             self._truncated()
         self.fpos += n - have
         self.bs, self.bl, self.idx = self.fpos, 0, 0
-        return self.data[start:start + n]
+        return self.data[start:start + n] if copy else b""
 
     def readline(self) -> bytes:
         start = self.bs + self.idx
@@ -488,8 +489,13 @@ class _Machine:
         count = 0
         try:
             while True:
-                self.op_pos = src.pos
-                code = src.read(1)[0]
+                idx = src.idx
+                self.op_pos = src.bs + idx
+                if idx < src.bl:  # the opcode byte from the buffer (the hot path)
+                    code = self.data[self.op_pos]
+                    src.idx = idx + 1
+                else:
+                    code = src.read(1)[0]
                 entry = table.get(code)
                 if entry is None:
                     raise MalformedPickle(f"invalid load key {bytes([code])!r} at {self.op_pos}")
@@ -585,16 +591,28 @@ def _op_unicode(m):
 
 
 def _op_binunicode(m, n):
+    if n > MAX_INLINE_BYTES:
+        m.src.read(n, copy=False)
+        m.push(Opaque(f"str of {n} bytes"))
+        return
     m.push_text(str(m.src.read(n), "utf-8", "surrogatepass"))
 
 
 def _op_binbytes(m, nbytes):
     n = m._u(nbytes)
+    if n > MAX_INLINE_BYTES:
+        m.src.read_counted(n, copy=False)
+        m.push(Opaque(f"bytes of {n} bytes"))
+        return
     m.push_text(m.src.read_counted(n))
 
 
 def _op_bytearray8(m):
     n = m._u(8)
+    if n > MAX_INLINE_BYTES:
+        m.src.read_counted(n, copy=False)
+        m.push(Opaque(f"bytearray of {n} bytes"))
+        return
     m.push(bytearray(m.src.read_counted(n)))
 
 
