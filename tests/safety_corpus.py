@@ -239,6 +239,12 @@ def build(out: Path, canaries: Path) -> list[Case]:
                              ("archive/version", b"3\n")]))
     bad("zip_duplicate_data_pkl.pth", "zip member tricks", "torch.load",
         lambda c: duplicate_names(c, body))
+    bad("zip_bad_crc.pth", "zip member tricks", "torch.load",  # zipfile: "Bad CRC-32"; torch does not check
+        lambda c: damaged(tzip(torch_pickle(collections.OrderedDict(w=sd["w"], cfg=_System(c)), protocol=3)),
+                          crc=True))
+    bad("zip_local_name_differs.pth", "zip member tricks", "torch.load",  # zipfile refuses; torch reads
+        lambda c: damaged(tzip(torch_pickle(collections.OrderedDict(w=sd["w"], cfg=_System(c)), protocol=3)),
+                          local_name=True))
     bad("zip_two_directories.pth", "zip polyglot", "torch.load",
         lambda c: two_directory_polyglot(
             torch_zip_entries(torch_pickle(collections.OrderedDict(w=sd["w"], cfg=_System(c)), protocol=3),
@@ -319,6 +325,18 @@ def rebuild_from_type_payload(canary: Path, state_dict_pickle: bytes) -> bytes:
             + b"ctorch\nTensor\n" + b"X" + struct.pack("<I", len(f"touch {canary}")) + f"touch {canary}".encode()
             + b"\x85}tR0")
     return b"\x80\x02" + call + state_dict_pickle[2:]
+
+
+def damaged(raw: bytes, crc: bool = False, local_name: bool = False) -> bytes:
+    """The first member (data.pkl) damaged in a way torch's reader tolerates and zipfile does not:
+    a wrong CRC-32 (torch builds miniz without CRC checks), or a different name in its local header."""
+    out = bytearray(raw)
+    central = raw.index(b"PK\x01\x02")
+    if crc:
+        out[14:18] = out[central + 16:central + 20] = b"\xde\xad\xbe\xef"
+    if local_name:
+        out[30:37] = b"ARCHIVE"
+    return bytes(out)
 
 
 def duplicate_names(canary: Path, benign: bytes) -> bytes:
