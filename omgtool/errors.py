@@ -90,7 +90,7 @@ class UnsafeInput(OmgError):
         verdict = verdict or ("dangerous" if any(f.grade == "dangerous" for f in findings) else "unknown")
         hint = "" if verdict == "dangerous" else " (trust a global with --allow-global MODULE.NAME)"
         note = f"{note}: " if note else ""
-        super().__init__(f"refused, {verdict} pickle ({note}loading it would run code): "
+        super().__init__(f"refused, unsafe pickle ({note}{verdict}: loading it would run code): "
                          f"{shown}{more}{hint}", path)
         self.findings = findings
         self.verdict = verdict

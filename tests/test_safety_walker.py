@@ -116,7 +116,7 @@ def test_allow_accepts_unknown_only():
 
 
 _HOSTILE = r"""
-import json, resource, sys, time
+import json, sys, time
 from omgtool.formats.pickle_walker import MalformedPickle, walk
 from omgtool.formats.torch_file import _summarize
 cases = {
@@ -148,7 +148,9 @@ for name, raw in cases.items():
         status = "malformed"
         findings = [f.name for f in (exc.result.findings if exc.result else [])]
     out[name] = {"status": status, "seconds": time.perf_counter() - start, "findings": findings}
-out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM is this process image's own peak (ru_maxrss would include the parent's, from before exec)
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+out["max_rss_mb"] = int(hwm.split()[1]) / 1024
 print(json.dumps(out))
 """
 
