@@ -88,3 +88,18 @@ def test_zip64_archive_from_torch(tmp_path):
     path.write_bytes(raw[:eocd] + z64 + locator + end)
     expected = torch.load(path, weights_only=True)["w"]
     assert torch.equal(open_checkpoint(path).read("w"), expected)
+
+
+def test_file_opcode_budget_spans_members(tmp_path, monkeypatch):
+    """Many members, each under the per-stream cap, still share one budget per file."""
+    import omgtool.formats.scan as scan
+
+    monkeypatch.setattr(scan, "MAX_FILE_OPCODES", 1000)
+    member = b"\x80\x02" + b"N0" * 400 + b"N."  # about 800 opcodes, benign
+    path = tmp_path / "many.zip"
+    path.write_bytes(zip_bytes([(f"archive/m{i}.pkl", member) for i in range(3)]))
+    result = scan.scan_file(path)
+    assert result.verdict == "unknown"
+    assert [f.name for f in result.findings] == ["<scan stopped>"]
+    monkeypatch.setattr(scan, "MAX_FILE_OPCODES", 10_000)
+    assert scan.scan_file(path).verdict == "safe"

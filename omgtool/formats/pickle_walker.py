@@ -39,7 +39,8 @@ from omgtool.formats.dtypes import STORAGE_DTYPES, TORCH_DTYPE_NAMES
 from omgtool.formats.pickle_grades import DANGEROUS, SAFE, UNKNOWN, compat_name, grade_global
 
 # Resource caps: any input finishes in seconds with bounded memory.
-MAX_OPCODES = 4_000_000
+MAX_OPCODES = 4_000_000  # one stream; formats/scan.py also caps the total per file
+MAX_EMBEDDED_OPCODES = 1_000_000  # all embedded pickles of one stream together
 MAX_STACK = 1_000_000
 MAX_MARKS = 100_000
 MAX_MEMO = 1_000_000
@@ -241,6 +242,7 @@ class WalkResult:
     file_end: int = 0  # where the C unpickler leaves a non-peek file (a frame's end, if STOP sat inside)
     overrun: bool = False
     protocol: int = 0
+    opcodes: int = 0
 
 
 _MARK = object()
@@ -343,7 +345,8 @@ class _Source:
 
 
 def walk(stream: BinaryIO | bytes, member: str = "", *, start: int = 0, mode: str = "file",
-         allow: frozenset[str] | set[str] = frozenset(), _depth: int = 0) -> WalkResult:
+         allow: frozenset[str] | set[str] = frozenset(), max_opcodes: int = MAX_OPCODES,
+         _depth: int = 0) -> WalkResult:
     """Interpret one pickle (up to its STOP) without executing anything.
 
     `stream`: bytes/mmap (walked from `start`), or a binary file, walked from its position
@@ -364,7 +367,7 @@ def walk(stream: BinaryIO | bytes, member: str = "", *, start: int = 0, mode: st
                 data, base, start = fh.read(), start, 0
     else:
         data = stream
-    machine = _Machine(data, start, mode, member, frozenset(allow), _depth)
+    machine = _Machine(data, start, mode, member, frozenset(allow), _depth, max_opcodes)
     try:
         result = machine.run()
     finally:
@@ -374,12 +377,14 @@ def walk(stream: BinaryIO | bytes, member: str = "", *, start: int = 0, mode: st
 
 
 class _Machine:
-    def __init__(self, data, start, mode, member, allow, depth):
+    def __init__(self, data, start, mode, member, allow, depth, max_opcodes=MAX_OPCODES):
         self.data = data
         self.src = _Source(data, start, mode)
         self.member = member
         self.allow = allow
         self.depth = depth
+        self.max_opcodes = max_opcodes
+        self.embedded_budget = MAX_EMBEDDED_OPCODES
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
@@ -408,7 +413,7 @@ class _Machine:
 
     def embedded(self, value) -> None:
         """A bytes/str value that is itself a pickle with non-safe globals is a finding."""
-        if self.depth >= MAX_EMBEDDED_DEPTH or len(value) < 4:
+        if self.depth >= MAX_EMBEDDED_DEPTH or len(value) < 4 or self.embedded_budget <= 0:
             return
         if isinstance(value, str):
             if value[0] not in "\x80c(":
@@ -423,9 +428,11 @@ class _Machine:
         findings = []
         for mode in ("file", "memory"):
             try:
-                inner = walk(value, self.member, mode=mode, allow=self.allow, _depth=self.depth + 1)
+                inner = walk(value, self.member, mode=mode, allow=self.allow, _depth=self.depth + 1,
+                             max_opcodes=self.embedded_budget)
             except MalformedPickle as exc:
                 inner = exc.result
+            self.embedded_budget -= inner.opcodes if inner is not None else 0
             if inner is not None:
                 findings.extend(inner.findings)
                 if not inner.overrun:
@@ -501,9 +508,11 @@ class _Machine:
                     raise MalformedPickle(f"invalid load key {bytes([code])!r} at {self.op_pos}")
                 self.op_name, handler = entry
                 count += 1
-                if count > MAX_OPCODES or len(self.memo) > MAX_MEMO:
+                if count > self.max_opcodes or len(self.memo) > MAX_MEMO:
+                    self.result.opcodes = count
                     raise _LimitReached("opcode or memo limit")
                 if handler is None:  # STOP
+                    self.result.opcodes = count
                     value = self.pop()
                     self.result.value = _sanitize(value)
                     self.result.end_offset = src.pos
@@ -516,6 +525,7 @@ class _Machine:
             self.finding("", "<scan stopped>", UNKNOWN, f"resource limit reached ({exc}); the rest is unscanned")
             return self._fail(exc)
         except MalformedPickle as exc:
+            self.result.opcodes = count
             return self._fail(exc)
         except (IndexError, KeyError, TypeError, AttributeError, ValueError, OverflowError,
                 UnicodeDecodeError, struct.error, RecursionError, MemoryError) as exc:

@@ -32,7 +32,7 @@ from omgtool.errors import Finding, UnreadableInput, UnsafeInput
 from omgtool.formats.base import SafetyReport
 from omgtool.formats.dtypes import ITEMSIZE
 from omgtool.formats.pickle_grades import DANGEROUS, SAFE, UNKNOWN, worst
-from omgtool.formats.pickle_walker import MalformedPickle, WalkResult, _StorageType, walk
+from omgtool.formats.pickle_walker import MAX_OPCODES, MalformedPickle, WalkResult, _StorageType, walk
 from omgtool.formats.zip_reader import LOCAL_SIG, ZipError, find_eocd, read_zip
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -41,6 +41,8 @@ MAX_STREAMS = 64
 MAX_MEMBER_BYTES = 1 << 30
 MAX_MEMBERS = 100_000
 MAX_NESTING = 2
+MAX_FILE_OPCODES = 8_000_000  # every stream of one file together: any file scans in seconds
+MAX_ZIPFILE_DIRECTORY = 256 << 20
 NOT_A_PICKLE = "not-a-pickle"
 _STORAGE_MEMBER = re.compile(r"[^/]*/data/\d+")
 _NPY_MAGIC = b"\x93NUMPY"
@@ -139,6 +141,7 @@ class _Scan:
         self.result = result
         self.allow = allow
         self._seen: set[tuple] = set()
+        self.budget = MAX_FILE_OPCODES
 
     # --- bookkeeping ------------------------------------------------------------------
     def absorb(self, walked: WalkResult | None) -> None:
@@ -160,13 +163,19 @@ class _Scan:
 
     def one(self, data, start: int, member: str) -> WalkResult | None:
         """Walk one pickle from `start`; None if it is malformed (its findings are kept)."""
+        if self.budget <= 0:
+            self._stopped(member)
+            return None
         try:
-            walked = walk(data, member, start=start, mode="file", allow=self.allow)
+            walked = walk(data, member, start=start, mode="file", allow=self.allow,
+                          max_opcodes=min(self.budget, MAX_OPCODES))
         except MalformedPickle as exc:
+            self.budget -= exc.result.opcodes if exc.result is not None else 0
             self.absorb(exc.result)
             if exc.result is not None and exc.result.overrun:
                 self._memory(data, start, member)
             return None
+        self.budget -= walked.opcodes
         self.absorb(walked)
         self.result.streams += 1
         if walked.overrun:
@@ -175,9 +184,15 @@ class _Scan:
 
     def _memory(self, data, start, member) -> None:
         try:
-            self.absorb(walk(data, member, start=start, mode="memory", allow=self.allow))
+            self.absorb(walk(data, member, start=start, mode="memory", allow=self.allow,
+                             max_opcodes=max(1, min(self.budget, MAX_OPCODES))))
         except MalformedPickle as exc:
             self.absorb(exc.result)
+
+    def _stopped(self, member: str) -> None:
+        if not any(f.name == "<scan stopped>" and f.opcode == "budget" for f in self.result.findings):
+            self.result.findings.append(Finding("", "<scan stopped>", "budget", 0, member, UNKNOWN,
+                                                "the file's opcode budget is spent; the rest is unscanned"))
 
     # --- containers -------------------------------------------------------------------
     def container(self, data, member: str, depth: int) -> None:
@@ -254,6 +269,9 @@ class _Scan:
 
     def _zipfile_view(self, data, label: str, depth: int, scanned: set[int]) -> None:
         """Members Python's zipfile sees at other offsets (it corrects for prepended data)."""
+        eocd = find_eocd(data)
+        if eocd < 0 or int.from_bytes(bytes(data[eocd + 12:eocd + 16]), "little") > MAX_ZIPFILE_DIRECTORY:
+            return  # zipfile would read a directory this large into memory
         try:
             with zipfile.ZipFile(_BytesReader(data)) as zf:
                 infos = zf.infolist()[:MAX_MEMBERS]
