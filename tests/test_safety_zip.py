@@ -100,6 +100,6 @@ def test_file_opcode_budget_spans_members(tmp_path, monkeypatch):
     path.write_bytes(zip_bytes([(f"archive/m{i}.pkl", member) for i in range(3)]))
     result = scan.scan_file(path)
     assert result.verdict == "unknown"
-    assert [f.name for f in result.findings] == ["<scan stopped>"]
+    assert result.findings and {f.name for f in result.findings} == {"<scan stopped>"}
     monkeypatch.setattr(scan, "MAX_FILE_OPCODES", 10_000)
     assert scan.scan_file(path).verdict == "safe"
