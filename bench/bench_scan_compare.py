@@ -24,6 +24,18 @@ from bench.measure import machine
 ROOT = Path(__file__).resolve().parent.parent
 SCANNERS = ["picklescan", "modelscan", "fickling"]
 EXTRA = ["typing_extensions"]  # fickling 0.1.12 imports it without declaring it
+NOTES = """
+Notes:
+- fickling 0.1.12 reads PyTorch zip files only when torch is importable; the scratch venv has
+  no torch (a second torch install for a comparison was left out), so its zip rows end in
+  errors, and its flags on benign files are such errors' exit codes plus flags on legitimate
+  torch files scanned as raw pickles.
+- torch.load(weights_only=True) is a loader, not a scanner: on the benign bare pickles its
+  "flags" are refusals of files that are not torch checkpoints, and on the unknown rows it
+  refuses argparse.Namespace / numpy arrays exactly as omgtool grades them.
+- modelscan skips files whose extension it does not handle (`.safetensors`, `.npz`, a tar
+  named `.pth`) and reports them as errors/skips here.
+"""
 TORCH_WEIGHTS_ONLY = r"""
 import json, pickle, sys, torch
 out = {}
@@ -145,6 +157,7 @@ def main() -> None:
     missed = {tool: [c.name for c in malicious if results[tool].get(c.name) != "flagged"] for tool in tools}
     lines += ["", "Missed malicious files per tool:", ""]
     lines += [f"- {tool}: {', '.join(names_) or 'none'}" for tool, names_ in missed.items()]
+    lines += NOTES.rstrip("\n").split("\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
