@@ -373,6 +373,8 @@ def walk(stream: BinaryIO | bytes, member: str = "", *, start: int = 0, mode: st
     finally:
         if fh is not None:
             fh.seek(base + (machine.result.end_offset or machine.src.pos))
+            if isinstance(data, mmap.mmap):
+                data.close()  # the walked value holds copies, never views of the map
     return result
 
 
