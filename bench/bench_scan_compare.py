@@ -62,9 +62,9 @@ def ensure_venv(venv: Path) -> dict[str, str]:
     return {name: versions.get(name, "not installed") for name in SCANNERS}
 
 
-def outcome(cmd: list[str], flagged_codes=(1,)) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+def outcome(cmd: list[str], cwd: Path, flagged_codes=(1,)) -> str:
+    try:  # in a scratch folder: fickling writes safety_results.json into its working directory
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd)
     except subprocess.TimeoutExpired:
         return "error"
     if proc.returncode == 0:
@@ -85,10 +85,9 @@ def run_tools(venv: Path, folder: Path, names: list[str]) -> dict[str, dict[str,
     bin_ = venv / "bin"
     for name in names:
         path = str(folder / name)
-        results["picklescan"][name] = outcome([str(bin_ / "picklescan"), "--path", path])
-        results["modelscan"][name] = outcome([str(bin_ / "modelscan"), "-p", path])
-        results["fickling"][name] = outcome([str(bin_ / "fickling"), "--check-safety", path],
-                                            flagged_codes=(1,))
+        results["picklescan"][name] = outcome([str(bin_ / "picklescan"), "--path", path], folder.parent)
+        results["modelscan"][name] = outcome([str(bin_ / "modelscan"), "-p", path], folder.parent)
+        results["fickling"][name] = outcome([str(bin_ / "fickling"), "--check-safety", path], folder.parent)
     torch_out = subprocess.run([sys.executable, "-c", TORCH_WEIGHTS_ONLY, *[str(folder / n) for n in names]],
                                capture_output=True, text=True, cwd=folder)
     for path, value in json.loads(torch_out.stdout).items():

