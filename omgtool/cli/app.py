@@ -37,6 +37,7 @@ COMMANDS = {
     "merge-lora": "merge",
     "export": "export",
     "verify": "verify",
+    "scan": "scan",
 }
 
 

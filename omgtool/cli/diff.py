@@ -12,12 +12,14 @@ from typing import Any
 
 import typer
 
+from omgtool.cli.scan import allow_global_option, trusting_globals
 from omgtool.errors import OmgError
 
 DEFAULT_SHOWN = 25
 NUMERIC = {"max_abs", "rel_l2", "cosine", "mismatched", "numel", "rows_a", "rows_b", "count", "first", "last"}
 
 
+@trusting_globals
 def cli(
     a: Path = typer.Argument(..., help="first checkpoint (file or folder) or manifest JSON"),
     b: Path = typer.Argument(..., help="second checkpoint (file or folder) or manifest JSON"),
@@ -35,6 +37,7 @@ def cli(
     check_hash: bool = typer.Option(False, "--hash", help="also compare the checkpoint's sha256 "
                                     "with the one recorded in the manifest (inspect --manifest --hash)"),
     show: int = typer.Option(DEFAULT_SHOWN, "--show", min=1, help="rows shown per table (all with --json)"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Compare two checkpoints, or a checkpoint with a manifest: keys only in A or B, shape,
     dtype and value changes, rows added to embedding/output tables.

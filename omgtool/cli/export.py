@@ -12,12 +12,14 @@ from typing import Any, Optional
 
 import typer
 
+from omgtool.cli.scan import allow_global_option, trusting_globals
 from omgtool.errors import InvalidArgument, OmgError
 from omgtool.sizes import format_size
 
 TARGETS = ("llama", "peft", "safetensors")
 
 
+@trusting_globals
 def cli(
     src: Path = typer.Argument(..., help="llama: an InternLM2 HF folder (base or merge-lora output); "
                                "peft: a finetune checkpoint with LoRA; safetensors: any readable checkpoint"),
@@ -38,6 +40,7 @@ def cli(
                                  "transform; the files written) and write nothing"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (the plan with --dry-run, else "
                                   "the export report)"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Export a checkpoint for the wider ecosystem.
 

@@ -10,12 +10,14 @@ from typing import Any, Optional
 
 import typer
 
+from omgtool.cli.scan import allow_global_option, trusting_globals
 from omgtool.errors import UnsafeInput
 from omgtool.formats.hashing import sha256_files
 from omgtool.ops.inspect import build_report, tensor_stats, update_strength, write_manifest
 from omgtool.sizes import format_size
 
 
+@trusting_globals
 def cli(
     path: Path = typer.Argument(..., help="checkpoint file (.pth/.bin/.pt/.safetensors) or model folder"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
@@ -28,21 +30,24 @@ def cli(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="also write a shape manifest "
                                             "JSON (name, shape, dtype of every tensor) to this file"),
     with_hash: bool = typer.Option(False, "--hash", help="record each source file's sha256 in the manifest"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Show what a checkpoint holds: format, tensors, groups, inferred architecture, safety.
 
     Reads metadata only; pickles are walked against an allowlist, never executed.
-    Exit codes: 0 ok, 2 unreadable input, 3 unsafe pickle (refused).
+    An unknown or dangerous pickle is still reported (tensors from the opcode walk), then
+    exits 3. Exit codes: 0 ok, 2 unreadable input, 3 unsafe pickle.
     """
     from omgtool.cli.output import emit_json
 
-    try:
-        report, ckpt, analysis = build_report(path, alpha=alpha, family=family, name_filter=name_filter)
-    except UnsafeInput as exc:
+    report, ckpt, analysis = build_report(path, alpha=alpha, family=family, name_filter=name_filter,
+                                          refuse_unsafe=False)
+    if ckpt.safety.verdict in ("unknown", "dangerous"):
         if json_out:
-            emit_json({"path": str(path), "safety": {"verdict": "unsafe",
-                                                      "findings": [f.as_dict() for f in exc.findings]}})
-        raise
+            emit_json(report)
+        else:
+            render(report)
+        raise UnsafeInput(path, ckpt.safety.findings, ckpt.safety.verdict)
     if manifest is not None:
         digest = sha256_files(ckpt.files) if with_hash else None
         manifest_report = dict(report)
@@ -126,9 +131,14 @@ def render(report: dict[str, Any]) -> None:
         console.print(f"[yellow]note:[/] {esc(note)}")
     safety = report["safety"]
     verdict = {"safe": "[green]safe[/]: only allowlisted globals",
-               "not-a-pickle": "[green]safe[/]: no pickle (safetensors)"}.get(safety["verdict"],
-                                                                              safety["verdict"])
+               "not-a-pickle": "[green]safe[/]: no pickle (safetensors)",
+               "unknown": "[yellow]unknown[/]: globals outside the allowlist (loading runs them)",
+               "dangerous": "[red]dangerous[/]: loading would run code"}.get(safety["verdict"],
+                                                                          safety["verdict"])
     console.print(f"safety {verdict}" + (f" ({esc(', '.join(safety['globals']))})" if safety["globals"] else ""))
+    for f in safety["findings"][:20]:
+        console.print(f"  {f['grade']:9} {esc(f['global'])} ({f['opcode']} {esc(f['member'])}@{f['offset']}): "
+                      f"{esc(f['why'])}")
     if report.get("filter"):
         _render_tensors(console, report)
     if "stats" in report:

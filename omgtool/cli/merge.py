@@ -12,9 +12,11 @@ from typing import Any, Optional
 
 import typer
 
+from omgtool.cli.scan import allow_global_option, trusting_globals
 from omgtool.errors import InvalidArgument, OmgError
 
 
+@trusting_globals
 def cli(
     checkpoint: Path = typer.Argument(..., help="finetune or pretrain checkpoint (.pth, .safetensors, "
                                       "DeepSpeed or PEFT adapter folder)"),
@@ -40,6 +42,7 @@ def cli(
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (the plan with --dry-run, "
                                   "else the merge report)"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Merge a checkpoint's LoRA into its base model and write a complete model folder.
 

@@ -18,13 +18,15 @@ STATS_CHUNK = 1 << 24  # elements per chunk for --stats
 
 
 def build_report(path: Path, *, alpha: float | None = None, family: str | None = None,
-                 name_filter: str | None = None) -> tuple[dict[str, Any], Any, Any]:
-    """(report, checkpoint, analysis). Raises UnsafeInput / UnreadableInput."""
+                 name_filter: str | None = None, allow_globals=None,
+                 refuse_unsafe: bool | None = None) -> tuple[dict[str, Any], Any, Any]:
+    """(report, checkpoint, analysis). Raises UnsafeInput (unless refuse_unsafe=False: then
+    the report lists the tensors from the opcode walk) / UnreadableInput."""
     from omgtool.formats import open_checkpoint
     from omgtool.arch.infer import analyze
     from omgtool.arch.mapping import group_descriptions, load_registry
 
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, allow_globals=allow_globals, refuse_unsafe=refuse_unsafe)
     registry = load_registry()
     analysis = analyze(ckpt, registry, family=family, alpha=alpha)
     descriptions = group_descriptions(analysis.family, registry) if analysis.family else {}
