@@ -6,13 +6,13 @@ module is the command line: options, a progress bar on stderr, the summary.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from omgtool.errors import InvalidArgument, OmgError
+from omgtool.cli.options import force_option, json_option, out_option
+from omgtool.errors import InvalidArgument
 from omgtool.sizes import format_size
 
 TARGETS = ("llama", "peft", "safetensors")
@@ -22,8 +22,8 @@ def cli(
     src: Path = typer.Argument(..., help="llama: an InternLM2 HF folder (base or merge-lora output); "
                                "peft: a finetune checkpoint with LoRA; safetensors: any readable checkpoint"),
     to: str = typer.Option(..., "--to", help="llama | peft | safetensors"),
-    out: Path = typer.Option(..., "--out", help="output folder (llama, peft); for safetensors a "
-                             "FILE.safetensors or a folder"),
+    out: Path = out_option(..., help="output folder (llama, peft); for safetensors a FILE.safetensors "
+                           "(that file) or a folder"),
     base_llama: Optional[Path] = typer.Option(None, "--base-llama", help="peft: the base model already "
                                               "exported with --to llama (the adapter's base)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="llama/peft: cast tensors to fp32, fp16 or "
@@ -33,8 +33,8 @@ def cli(
     family: Optional[str] = typer.Option(None, "--family", help="peft: force a family mapping (e.g. omg-llava)"),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="llama/safetensors folder: "
                                        "largest shard (HF units: 5GB, 500MB, 2GiB)"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object (the export report)"),
+    force: bool = force_option(),
+    json_out: bool = json_option("print one JSON object (the export report; errors as {\"error\", \"exit_code\"})"),
 ) -> None:
     """Export a checkpoint for the wider ecosystem.
 
@@ -53,66 +53,40 @@ def cli(
     records the source file name and sha256. Unsafe pickles are refused.
 
     After writing, the output headers are re-read and compared with the plan.
-    Exit codes: 0 ok, 1 the written output does not match its plan, 2 unreadable input or bad
-    arguments, 3 unsafe pickle refused.
     """
+    from omgtool.cli.output import ProgressRenderer, emit_json
+    from omgtool.formats.output_dir import reserve_output
     from omgtool.ops import export as lib
-    from omgtool.cli.output import emit_json
 
     target = to.strip().lower()
-    try:
-        if target not in TARGETS:
-            raise InvalidArgument(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
-        if target == "peft" and base_llama is None:
-            raise InvalidArgument("--to peft needs --base-llama DIR (the base exported with --to llama)")
-        if target != "peft" and (base_llama is not None or alpha is not None or family is not None):
-            raise InvalidArgument("--base-llama, --alpha and --family apply to --to peft only")
-        if target == "safetensors" and dtype is not None:
-            raise InvalidArgument("--to safetensors keeps every dtype; --dtype applies to llama and peft")
-        with _progress(enabled=not json_out and sys.stderr.isatty()) as progress:
-            if target == "llama":
-                report = lib.export_llama(src, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                                          progress=progress)
-            elif target == "peft":
-                report = lib.export_peft(src, base_llama, out, alpha=alpha, dtype=dtype, family=family,
-                                         force=force, progress=progress)
-            else:
-                report = lib.export_safetensors(src, out, force=force, max_shard_size=max_shard_size,
-                                                progress=progress)
-    except OmgError as exc:
-        if json_out:
-            emit_json({"source": str(src), "to": to, "out": str(out), "error": exc.one_line(),
-                       "exit_code": exc.exit_code})
-        raise
+    if target not in TARGETS:
+        raise InvalidArgument(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
+    if target == "peft" and base_llama is None:
+        raise InvalidArgument("--to peft needs --base-llama DIR (the base exported with --to llama)")
+    if target != "peft" and (base_llama is not None or alpha is not None or family is not None):
+        raise InvalidArgument("--base-llama, --alpha and --family apply to --to peft only")
+    if target == "safetensors" and dtype is not None:
+        raise InvalidArgument("--to safetensors keeps every dtype; --dtype applies to llama and peft")
+    single = target == "safetensors" and out.suffix == ".safetensors"
+    if target != "safetensors" and out.suffix == ".safetensors":
+        raise InvalidArgument(f"--to {target} writes a folder; --out {out} names a .safetensors file")
+    inputs = {"source": src, "base-llama": base_llama}
+    with reserve_output(out, force, inputs=inputs, single_file=single), ProgressRenderer() as progress:
+        progress.task("export")
+        advance = lambda name, nbytes: progress.advance(nbytes)  # noqa: E731
+        if target == "llama":
+            report = lib.export_llama(src, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                                      progress=advance)
+        elif target == "peft":
+            report = lib.export_peft(src, base_llama, out, alpha=alpha, dtype=dtype, family=family,
+                                     force=force, progress=advance)
+        else:
+            report = lib.export_safetensors(src, out, force=force, max_shard_size=max_shard_size,
+                                            progress=advance)
     if json_out:
         emit_json(report)
     else:
         render(report)
-
-
-class _progress:
-    """A rich progress bar on stderr counting bytes written; a no-op callback when disabled."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda name, nbytes: None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        from omgtool.cli.output import err
-
-        self.bar = Progress(TextColumn("export"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            transient=True, console=err())
-        self.bar.__enter__()
-        task = self.bar.add_task("export", total=None)
-        return lambda name, nbytes: self.bar.advance(task, nbytes)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def render(report: dict[str, Any]) -> None:

@@ -6,13 +6,13 @@ the command line: options, a progress bar on stderr, the summary.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from omgtool.errors import InvalidArgument, OmgError
+from omgtool.cli.options import force_option, json_option, out_option
+from omgtool.errors import InvalidArgument
 
 
 def cli(
@@ -22,7 +22,7 @@ def cli(
                                        "internlm2-chat-7b or internlm/internlm2-chat-7b (looked up in the "
                                        "current directory, beside the checkpoint, then the local HuggingFace "
                                        "cache; never downloaded)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder (refused if it exists, unless --force)"),
+    out: Optional[Path] = out_option(None, help="output folder (refused if it exists, unless --force)"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default: the family mapping's, "
                                           "256 for OMG-LLaVA, or adapter_config.json's)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype bf16, fp16 or fp32 (default: the "
@@ -37,9 +37,9 @@ def cli(
     hash_base: bool = typer.Option(True, "--hash-base/--no-hash-base", help="record the base shards' sha256 "
                                    "(hashed on a background thread while merging); --no-hash-base records "
                                    "their sizes only"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object (the plan with --dry-run, "
-                                  "else the merge report)"),
+    force: bool = force_option(),
+    json_out: bool = json_option("print one JSON object (the plan with --dry-run, else the merge report; "
+                                 "errors as {\"error\", \"exit_code\"})"),
 ) -> None:
     """Merge a checkpoint's LoRA into its base model and write a complete model folder.
 
@@ -60,37 +60,35 @@ def cli(
     (hidden size, layer count, LoRA rank, a target the base lacks) stops with exit 2 naming
     the tensor. Tensors stream one at a time into a temporary sibling folder that is renamed
     at the end; a failure or Ctrl-C leaves nothing behind.
-
-    Exit codes: 0 merged (or planned, with --dry-run); 1 the written output does not match its
-    plan; 2 unreadable input, bad arguments, or base and checkpoint do not match; 3 unsafe
-    pickle refused; 130 interrupted.
     """
-    from omgtool.cli.output import emit_json
+    import contextlib
+
+    from omgtool.cli.output import ProgressRenderer, emit_json
+    from omgtool.formats.output_dir import check_not_overlapping, reserve_output
     from omgtool.ops.merge import plan_merge, run_merge
 
-    try:
-        if out is None and not dry_run:
-            raise InvalidArgument("--out is required (or use --dry-run)")
-        if out is not None and not dry_run and out.exists() and not force:
-            raise InvalidArgument(f"{out} already exists (use --force to replace it)")
+    if out is None and not dry_run:
+        raise InvalidArgument("--out is required (or use --dry-run)")
+    writing = out is not None and not dry_run
+    with contextlib.ExitStack() as stack:
+        if writing:  # before any planning: refused --out, a second writer, leftovers of a killed run
+            stack.enter_context(reserve_output(out, force, inputs={"checkpoint": checkpoint}))
         plan = plan_merge(checkpoint, base, alpha=alpha, dtype=dtype, family=family,
                           max_shard_size=max_shard_size, device=device)
+        stack.callback(plan.close)
         if dry_run:
-            plan.close()
             if json_out:
                 emit_json({"dry_run": True, **plan.as_dict()})
             else:
                 _print_plan(plan)
             return
+        check_not_overlapping(out, {"checkpoint": checkpoint, "base": plan.base.path})
         if not json_out:
             _print_header(plan)
-        with _progress(plan, enabled=not json_out and sys.stderr.isatty()) as progress:
-            report = run_merge(plan, out, force=force, progress=progress, hash_base=hash_base)
-    except OmgError as exc:
-        if json_out:
-            emit_json({"checkpoint": str(checkpoint), "base": base, "out": str(out) if out else None,
-                       "error": exc.one_line(), "exit_code": exc.exit_code})
-        raise
+        with ProgressRenderer() as progress:
+            progress.task("merge-lora", total=plan.total_bytes)
+            report = run_merge(plan, out, force=force, progress=lambda name, nbytes: progress.advance(nbytes),
+                               hash_base=hash_base)
     if json_out:
         emit_json(report)
     else:
@@ -121,41 +119,6 @@ def _print_header(plan) -> None:
     if lora:
         console.print(escape(f"merge-lora: alpha {plan.alpha:g} ({plan.alpha_source}); rank {lora['rank']}, "
                              f"scale {lora['scale']:g}; matmuls on {plan.device}"))
-
-
-class _progress:
-    """Rich progress on stderr: tensors done, GB written, ETA. A no-op callback when disabled."""
-
-    def __init__(self, plan, enabled: bool):
-        self.plan = plan
-        self.enabled = enabled
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda name, nbytes: None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, \
-            TimeElapsedColumn, TimeRemainingColumn
-
-        from omgtool.cli.output import err
-
-        self.bar = Progress(TextColumn("merge-lora"), BarColumn(), TextColumn("{task.fields[tensors]}"),
-                            DownloadColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            transient=True, console=err())
-        self.bar.__enter__()
-        total = len(self.plan.items)
-        task = self.bar.add_task("merge", total=self.plan.total_bytes, tensors=f"0/{total} tensors")
-        done = [0]
-
-        def update(name: str, nbytes: int) -> None:
-            done[0] += 1
-            self.bar.update(task, advance=nbytes, tensors=f"{done[0]}/{total} tensors")
-
-        return update
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def render(report: dict[str, Any]) -> None:

@@ -396,3 +396,17 @@ def check_free_space(folder: Path, needed: int) -> None:
     if needed > free:
         raise InvalidArgument(f"not enough free disk space in {probe}: need {format_size(needed)}, "
                               f"have {format_size(free)}")
+
+
+@contextlib.contextmanager
+def reserve_output(out: str | Path, force: bool = False, *, inputs: Mapping[str, str | Path | None] | None = None,
+                   single_file: bool = False, option: str = "--out") -> Iterator[None]:
+    """Fail fast, before any heavy work: check `out` against the inputs and the --force rules,
+    take its lock for the whole block and clear leftovers of killed runs. `atomic_output_dir`
+    inside the block re-enters the same lock."""
+    if inputs:
+        check_not_overlapping(out, inputs, option=option)
+    check_replaceable(out, force, single_file=single_file, option=option)
+    with output_lock(out, option=option):
+        remove_stale(_absolute(out))
+        yield

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,6 +489,7 @@ def export_safetensors(path: str | Path, out: str | Path, *, force: bool = False
     from concurrent.futures import ThreadPoolExecutor
 
     from omgtool.formats import open_checkpoint
+    from omgtool.formats.output_dir import atomic_output_file
     from omgtool.formats.writer import atomic_output_dir
     from omgtool.sizes import parse_size
 
@@ -539,15 +539,10 @@ def export_safetensors(path: str | Path, out: str | Path, *, force: bool = False
         hashing = pool.submit(lambda: [_sha256_file(f, stop) for f in files])
         try:
             if single:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-                try:
+                with atomic_output_file(out, force=force) as tmp:  # writes tmp/<out.name>
                     written = _write_streams(tmp, [_Stream(out.name.removesuffix(".safetensors"), plan, tensors,
                                                            index=False)], 1 << 62, metadata, progress)
                     finish(tmp, written)
-                    os.replace(tmp / written[0], out)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
                 report["files"] = [out.name]
             else:
                 with atomic_output_dir(out, force=force) as tmp:
