@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -221,7 +220,8 @@ class Registry:
         try:
             return self.families[name]
         except KeyError:
-            raise InvalidArgument(f"no family mapping named {name!r} in {self.root}") from None
+            raise InvalidArgument(f"no family mapping named {name!r} in {self.root}; families: "
+                                  f"{', '.join(sorted(self.families))}") from None
 
     def conversion(self, source: str, target: str) -> ConversionMapping:
         for conv in self.conversions.values():
@@ -237,14 +237,19 @@ class Registry:
 
 
 def mappings_dir() -> Path:
+    """OMGTOOL_MAPPINGS if set; else the copy shipped inside the installed package; else the
+    repository's top-level mappings/ (a source checkout or an editable install)."""
     env = os.environ.get("OMGTOOL_MAPPINGS")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "mappings",
-                   Path(sys.prefix) / "share" / "omgtool" / "mappings"]
-    for candidate in candidates:
-        if candidate.is_dir():
+    if env:
+        if not Path(env).is_dir():
+            raise InvalidArgument(f"OMGTOOL_MAPPINGS={env} is not a folder")
+        return Path(env)
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "mappings", package.parent / "mappings"):
+        if candidate.is_dir() and any(candidate.glob("*.toml")):
             return candidate
-    raise InvalidArgument("mappings folder not found (set OMGTOOL_MAPPINGS)")
+    raise InvalidArgument(f"mappings folder not found: neither {package / 'mappings'} (installed package) nor "
+                          f"{package.parent / 'mappings'} (source checkout) exists; set OMGTOOL_MAPPINGS=DIR")
 
 
 @lru_cache(maxsize=4)
