@@ -95,7 +95,12 @@ def _console(stderr: bool):
     kwargs: dict[str, Any] = {}
     if not tty:
         kwargs["width"] = 1 << 16  # piped: never wrap (lines are as long as their content)
-    return Console(file=stream, stderr=stderr, soft_wrap=True, highlight=False, emoji=False,
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # rich exits 1; a closed pipe is not an error here
+            self.quiet = True
+            raise BrokenPipeError(32, "Broken pipe")
+
+    return _Console(file=stream, stderr=stderr, soft_wrap=True, highlight=False, emoji=False,
                    quiet=state.quiet, no_color=_no_color(), color_system="auto" if tty and not _no_color() else None,
                    **kwargs)
 
