@@ -210,8 +210,9 @@ def test_errors_list_the_valid_values(tmp_path):
 def test_verify_fails_fast_before_any_model_loads(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the --device-map check is for CPU-only machines")
-    result = run("verify", BASE, "--device-map", "auto")
-    one_line_error(result, 2, "--device-map", "no CUDA GPU")
+    # a GPU budget without a GPU (plain --device-map auto works on CPU: cpu + disk offload)
+    result = run("verify", BASE, "--device-map", "auto", "--max-memory", "0=20GiB,cpu=64GB")
+    one_line_error(result, 2, "--max-memory gives GPU 0", "no CUDA GPU")
     result = run("verify", BASE, "--image", tmp_path / "nope.jpg", "--device", "cpu")
     one_line_error(result, 2, "nope.jpg", "no such image file")
     bad = tmp_path / "bad.jpg"

@@ -268,3 +268,11 @@ def test_free_space_error_in_human_units(work, monkeypatch):
     result = run("merge-lora", ft, "--base", base, "--out", tmp / "merged")
     _error(result, 2, "not enough free disk space", "have 1.50 KB", "MB")
     assert "0.00 GB" not in result.stderr
+
+
+def test_an_out_that_cannot_be_created_names_out(work):
+    tmp, ft, base = work
+    (tmp / "afile").write_text("x")
+    result = run("merge-lora", ft, "--base", base, "--out", tmp / "afile" / "merged")
+    one_line_error(result, 2, f"--out {tmp / 'afile' / 'merged'}", "cannot write in")
+    assert (tmp / "afile").read_text() == "x"

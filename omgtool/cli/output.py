@@ -31,6 +31,7 @@ class _State:
     quiet: bool = False
     no_color: bool = False
     json: bool = False
+    json_emitted: bool = False  # the command printed its JSON result: an error after it adds no second object
 
 
 state = _State()
@@ -42,6 +43,7 @@ def reset_state() -> None:
     state.quiet = False
     state.no_color = False
     state.json = False
+    state.json_emitted = False
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -116,8 +118,10 @@ def err():
 
 
 def emit_json(obj: Any) -> None:
+    """The one JSON object a command prints on stdout."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+    state.json_emitted = True
 
 
 def note(text: str) -> None:
@@ -248,7 +252,7 @@ def _json_error(message: str, code: int, extra: dict | None = None) -> None:
 def fail(message: str, code: int, extra: dict | None = None) -> None:
     """Report an error the CLI way: one line on stderr, and with --json one object on stdout."""
     error_line(message)
-    if state.json:
+    if state.json and not state.json_emitted:
         _json_error(" ".join(message.split()), code, extra)
 
 

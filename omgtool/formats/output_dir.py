@@ -203,9 +203,12 @@ def output_lock(out: str | Path, *, option: str = "--out") -> Iterator[None]:
             with _held_guard:
                 _held[path] -= 1
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputFailed(f"{option} {out}: cannot write in {out.parent}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

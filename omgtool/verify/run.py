@@ -274,9 +274,10 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
     if not opts.tolerance_factor > 0:
         raise InvalidArgument("--tolerance must be positive")
     device = resolve_device(opts.device)
-    if opts.device_map is not None and not device.startswith("cuda"):
-        raise InvalidArgument(f"--device-map {opts.device_map} places the LLM across GPUs, but verify runs on "
-                              f"{device} here (no CUDA GPU); drop --device-map to verify on the CPU")
+    gpus = [k for k in (opts.max_memory or {}) if isinstance(k, int)]
+    if opts.device_map is not None and gpus and not device.startswith("cuda"):
+        raise InvalidArgument(f"--max-memory gives GPU {gpus[0]} a budget, but verify runs on {device} here (no "
+                              "CUDA GPU); give only cpu=SIZE (the rest is offloaded to disk) or drop --device-map")
     if opts.image is not None:  # before any model loads
         from omgtool.verify.models.preprocess import load_image
 
