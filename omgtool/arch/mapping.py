@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from omgtool.arch import mapping_cache
 from omgtool.errors import InvalidArgument
 
 
@@ -258,11 +259,19 @@ def load_registry(root: Path | None = None) -> Registry:
     kinds = {"architecture": ArchitectureMapping, "family": FamilyMapping, "conversion": ConversionMapping,
              "keymap": KeyMapMapping}
     reg = Registry({}, {}, {}, root)
-    for path in sorted(root.glob("*.toml")):
+    files = [(path, path.read_bytes()) for path in sorted(root.glob("*.toml"))]
+    cached = mapping_cache.load(files, kinds)  # validated before, byte-identical: no schema build
+    loaded = []
+    for i, (path, raw) in enumerate(files):
         try:
-            data = tomllib.loads(path.read_text())
-            model = kinds[data.get("kind", "")]
-            mapping = model.model_validate(data)
+            if cached is not None:
+                mapping = cached[i]
+            else:
+                data = tomllib.loads(raw.decode("utf-8"))
+                mapping = kinds[data.get("kind", "")].model_validate(data)
+            loaded.append(mapping)
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{path}: invalid mapping: not UTF-8 text") from None
         except KeyError:
             raise InvalidArgument(f"{path}: 'kind' must be one of {sorted(kinds)}") from None
         except (tomllib.TOMLDecodeError, ValidationError) as exc:
@@ -273,6 +282,8 @@ def load_registry(root: Path | None = None) -> Registry:
         if mapping.name in table:
             raise InvalidArgument(f"{path}: duplicate mapping name {mapping.name!r}")
         table[mapping.name] = mapping
+    if cached is None:
+        mapping_cache.store(files, loaded)
     for fam in reg.families.values():
         for comp in fam.components:
             if comp.architecture not in reg.architectures:
