@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import typer
 
@@ -42,10 +41,6 @@ def force_option(help: str = "replace an existing --out, but only an empty folde
 
 def json_option(help: str = "print one JSON object on stdout (errors too: {\"error\", \"exit_code\"})") -> Any:
     return typer.Option(False, "--json", help=help)
-
-
-def family_option(help: str = "force a family mapping (e.g. omg-llava)") -> Any:
-    return typer.Option(None, "--family", help=help)
 
 
 # --- options every command takes --------------------------------------------------------------
@@ -84,5 +79,3 @@ def with_common_options(fn: Callable) -> Callable:
     wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), **{p.name: bool for p in extra}}
     return wrapper
 
-
-OptionalPath = Optional[Path]

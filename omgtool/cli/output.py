@@ -74,15 +74,6 @@ def make_streams_safe() -> None:
                 stream.reconfigure(errors="omgtool-ascii")
 
 
-def can_encode(text: str, stream=None) -> bool:
-    stream = stream or sys.stdout
-    try:
-        text.encode(getattr(stream, "encoding", None) or "ascii")
-        return True
-    except (UnicodeEncodeError, LookupError):
-        return False
-
-
 # --- consoles ---------------------------------------------------------------------------------
 
 def _no_color() -> bool:
