@@ -297,26 +297,14 @@ def atomic_output_dir(out: Path, force: bool = False, *, inputs: Mapping[str, st
     included, the temporary folder is removed. When the block wrote no `omgtool-*.json`, a
     small `omgtool-output.json` (`record`) marks the folder as omgtool's.
     """
-    given = Path(out)
-    out = _absolute(out)
-    if inputs:
-        check_not_overlapping(given, inputs, option=option)
-    check_replaceable(given, force, option=option)
-    with output_lock(out, option=option), terminate_as_exception():
-        remove_stale(out)
-        tmp = _make_partial(out)
-        try:
-            with _name_output_in_errors(tmp, given):
-                yield tmp
-                if not any(tmp.glob(RECORD_GLOB)):
-                    from omgtool import __version__
+    with _staged(out, force, inputs, option, single_file=False) as (tmp, given, final):
+        yield tmp
+        if not any(tmp.glob(RECORD_GLOB)):
+            from omgtool import __version__
 
-                    (tmp / OUTPUT_RECORD).write_text(json.dumps({"omgtool": __version__, **(record or {})},
-                                                                indent=2, default=str) + "\n")
-                _commit(tmp, out, given, force, option)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / OUTPUT_RECORD).write_text(json.dumps({"omgtool": __version__, **(record or {})},
+                                                        indent=2, default=str) + "\n")
+        _commit(tmp, final, given, force, option)
 
 
 @contextlib.contextmanager
@@ -325,24 +313,32 @@ def atomic_output_file(out: Path, force: bool = False, *, inputs: Mapping[str, s
     """Like `atomic_output_dir` for one file: yield a temporary sibling folder; the block writes
     `<tmp>/<out.name>`, which is renamed to `out` when the block succeeds. With `force` an
     existing file is replaced only if omgtool wrote it (safetensors metadata names omgtool)."""
+    with _staged(out, force, inputs, option, single_file=True) as (tmp, given, final):
+        yield tmp
+        written = tmp / final.name
+        if not written.is_file():
+            raise OmgError(f"{given} was not written")
+        check_replaceable(given, force, single_file=True, option=option)
+        os.replace(written, final)
+
+
+@contextlib.contextmanager
+def _staged(out, force: bool, inputs, option: str, *, single_file: bool) -> Iterator[tuple[Path, Path, Path]]:
+    """The checks, the lock, signal handling, stale-partial removal and a fresh partial folder,
+    removed again on the way out: (partial folder, `out` as given, `out` absolute)."""
     given = Path(out)
     out = _absolute(out)
     if inputs:
         check_not_overlapping(given, inputs, option=option)
-    check_replaceable(given, force, single_file=True, option=option)
+    check_replaceable(given, force, single_file=single_file, option=option)
     with output_lock(out, option=option), terminate_as_exception():
         remove_stale(out)
         tmp = _make_partial(out)
         try:
             with _name_output_in_errors(tmp, given):
-                yield tmp
-                written = tmp / out.name
-                if not written.is_file():
-                    raise OmgError(f"{given} was not written")
-                check_replaceable(given, force, single_file=True, option=option)
-                os.replace(written, out)
+                yield tmp, given, out
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when the block committed a folder
 
 
 def _make_partial(out: Path) -> Path:
