@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench-report clean fixtures
+.PHONY: venv demo test wheel bench-report clean fixtures
 
 venv: $(STAMP)
 
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	@bash scripts/demo.sh
 
+# The suite includes tests/test_packaging.py: it builds the wheel, installs it into a fresh
+# venv outside the repository and runs inspect, diff and merge-lora from there.
 test: $(STAMP)
 	$(PY) -m pytest
+
+# A wheel for real installs (pip install dist/omgtool-*.whl); the mappings ship inside it.
+wheel: $(STAMP)
+	$(PY) -m pip wheel . --no-deps -q -w dist
 
 fixtures: $(STAMP)
 	$(PY) -m fixtures.generate --out fixtures/tiny
@@ -36,4 +42,4 @@ bench-report: $(STAMP)
 	$(PY) -m bench.report
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -444,6 +444,11 @@ def test_bad_inputs_exit_2_with_one_line(work, tmp_path):
     assert [p.name for p in existing.iterdir()] == ["keep"]
     assert not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    # --force replaces only a folder omgtool wrote (or an empty one): this one is the user's
+    _one_line_error(_run("export", BASE, "--to", "llama", "--out", existing, "--force"), 2,
+                    "omgtool did not write", "keep")
+    assert [p.name for p in existing.iterdir()] == ["keep"]
+    (existing / "omgtool-export.json").write_text("{}")
     _ok("export", BASE, "--to", "llama", "--out", existing, "--force")
     assert not (existing / "keep").exists() and (existing / "config.json").is_file()
 

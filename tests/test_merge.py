@@ -523,6 +523,7 @@ def test_interrupted_or_failed_write_leaves_nothing(tmp_path, monkeypatch):
     # a failure after every tensor was written (writing the README): still nothing, and --force keeps the old
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "old.txt").write_text("previous")
+    (tmp_path / "o" / "omgtool-merge.json").write_text("{}")  # an earlier omgtool output: --force may replace it
     monkeypatch.setattr(ShardedSafetensorsWriter, "write_rows", real)
     import omgtool.ops.merge as merge_mod
 
@@ -533,7 +534,7 @@ def test_interrupted_or_failed_write_leaves_nothing(tmp_path, monkeypatch):
     result = _run("merge-lora", FINETUNE, "--base", BASE, "--out", tmp_path / "o", "--force")
     assert result.exit_code == 4 and "disk full" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["old.txt", "omgtool-merge.json"]
 
 
 def test_carries_every_non_weight_file_of_the_base(tmp_path):

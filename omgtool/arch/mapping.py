@@ -13,9 +13,7 @@ anchored regexes: no substring tests.
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,7 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from omgtool.arch import mapping_cache
 from omgtool.errors import InvalidArgument
+from omgtool.mappings_dir import mappings_dir  # noqa: F401  (re-exported)
 
 
 class _Strict(BaseModel):
@@ -233,7 +233,8 @@ class Registry:
         try:
             return self.families[name]
         except KeyError:
-            raise InvalidArgument(f"no family mapping named {name!r} in {self.root}") from None
+            raise InvalidArgument(f"no family mapping named {name!r} in {self.root}; families: "
+                                  f"{', '.join(sorted(self.families))}") from None
 
     def conversion(self, source: str, target: str) -> ConversionMapping:
         for conv in self.conversions.values():
@@ -248,28 +249,25 @@ class Registry:
             raise InvalidArgument(f"no keymap mapping named {name!r} in {self.root}") from None
 
 
-def mappings_dir() -> Path:
-    env = os.environ.get("OMGTOOL_MAPPINGS")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "mappings",
-                   Path(sys.prefix) / "share" / "omgtool" / "mappings"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise InvalidArgument("mappings folder not found (set OMGTOOL_MAPPINGS)")
-
-
 @lru_cache(maxsize=4)
 def load_registry(root: Path | None = None) -> Registry:
     root = root or mappings_dir()
     kinds = {"architecture": ArchitectureMapping, "family": FamilyMapping, "conversion": ConversionMapping,
              "keymap": KeyMapMapping}
     reg = Registry({}, {}, {}, root)
-    for path in sorted(root.glob("*.toml")):
+    files = [(path, path.read_bytes()) for path in sorted(root.glob("*.toml"))]
+    cached = mapping_cache.load(files, kinds)  # validated before, byte-identical: no schema build
+    loaded = []
+    for i, (path, raw) in enumerate(files):
         try:
-            data = tomllib.loads(path.read_text())
-            model = kinds[data.get("kind", "")]
-            mapping = model.model_validate(data)
+            if cached is not None:
+                mapping = cached[i]
+            else:
+                data = tomllib.loads(raw.decode("utf-8"))
+                mapping = kinds[data.get("kind", "")].model_validate(data)
+            loaded.append(mapping)
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{path}: invalid mapping: not UTF-8 text") from None
         except KeyError:
             raise InvalidArgument(f"{path}: 'kind' must be one of {sorted(kinds)}") from None
         except (tomllib.TOMLDecodeError, ValidationError) as exc:
@@ -280,6 +278,8 @@ def load_registry(root: Path | None = None) -> Registry:
         if mapping.name in table:
             raise InvalidArgument(f"{path}: duplicate mapping name {mapping.name!r}")
         table[mapping.name] = mapping
+    if cached is None:
+        mapping_cache.store(files, loaded)
     for fam in reg.families.values():
         for comp in fam.components:
             if comp.architecture not in reg.architectures:

@@ -6,14 +6,13 @@ command line and the human-readable rendering.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from omgtool.cli.options import json_option
 from omgtool.cli.scan import allow_global_option, trusting_globals
-from omgtool.errors import OmgError
 
 DEFAULT_SHOWN = 25
 NUMERIC = {"max_abs", "rel_l2", "cosine", "mismatched", "numel", "rows_a", "rows_b", "count", "first", "last"}
@@ -23,7 +22,7 @@ NUMERIC = {"max_abs", "rel_l2", "cosine", "mismatched", "numel", "rows_a", "rows
 def cli(
     a: Path = typer.Argument(..., help="first checkpoint (file or folder) or manifest JSON"),
     b: Path = typer.Argument(..., help="second checkpoint (file or folder) or manifest JSON"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+    json_out: bool = json_option("print one JSON object instead of tables (errors as {\"error\", \"exit_code\"})"),
     shapes_only: bool = typer.Option(False, "--shapes-only", help="compare names, shapes and dtypes; "
                                      "read no tensor data"),
     atol: float = typer.Option(0.0, "--atol", help="absolute tolerance: |a-b| <= atol + rtol*|b| "
@@ -48,25 +47,14 @@ def cli(
     relative L2 ||a-b||/||a||, cosine. Against a manifest (inspect --manifest) only names, shapes
     and dtypes compare, a null dtype is not checked, and a checkpoint's extra keys that no mapping
     explains are listed as unexplained but do not fail (--strict makes them fail).
-
-    Exit codes: 0 no differences (within tolerance), 1 differences found, 2 unreadable input
-    or bad arguments, 3 unsafe pickle refused.
     """
+    from omgtool.cli.output import ProgressRenderer, emit_json
     from omgtool.ops.diff import Tolerance, diff_sides, open_side
-    from omgtool.cli.output import emit_json
 
     tol = Tolerance(atol=atol, rtol=rtol)
-    try:
-        side_a = open_side(a)
-        side_b = open_side(b)
-    except OmgError as exc:
-        if json_out:
-            emit_json({"a": str(a), "b": str(b), "error": exc.one_line(), "exit_code": exc.exit_code})
-        raise
-    progress_on = not json_out and sys.stderr.isatty()
-    from omgtool.cli.bar import StderrBar
-
-    with StderrBar("comparing", progress_on) as bar:
+    side_a = open_side(a)
+    side_b = open_side(b)
+    with ProgressRenderer() as bar:
         report = diff_sides(side_a, side_b, normalize=not no_normalize, shapes_only=shapes_only, tol=tol,
                             strict=strict, check_hash=check_hash, progress=bar)
     if json_out:
@@ -93,9 +81,8 @@ def _cell(row: dict, key: str) -> str:
 
 def render(report: dict[str, Any], show: int = DEFAULT_SHOWN) -> None:
     from rich.markup import escape as esc
-    from rich.table import Table
 
-    from omgtool.cli.output import out
+    from omgtool.cli.output import out, print_table
 
     console = out()
     for label in ("a", "b"):
@@ -110,15 +97,10 @@ def render(report: dict[str, Any], show: int = DEFAULT_SHOWN) -> None:
               note: str = "") -> None:
         if not rows:
             return
-        t = Table(title=f"{title} ({len(rows)}){note}", title_justify="left")
-        for key, header in cols:
-            if key in NUMERIC:
-                t.add_column(header, justify="right")
-            else:
-                t.add_column(header, overflow="fold", ratio=3 if key in ("name", "pair") else 1)
-        for row in rows[:show]:
-            t.add_row(*(esc(_cell(row, key)) for key, _ in cols), style=style)
-        console.print(t)
+        print_table(console, f"{title} ({len(rows)}){note}", [header for _, header in cols],
+                    [[_cell(row, key) for key, _ in cols] for row in rows[:show]],
+                    right=[i for i, (key, _) in enumerate(cols) if key in NUMERIC],
+                    styles=[style] * min(len(rows), show))
         if len(rows) > show:
             console.print(f"  … {len(rows) - show} more (--show N, or --json)")
 

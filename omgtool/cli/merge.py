@@ -6,14 +6,14 @@ the command line: options, a progress bar on stderr, the summary.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from omgtool.cli.options import force_option, json_option, out_option
 from omgtool.cli.scan import allow_global_option, trusting_globals
-from omgtool.errors import InvalidArgument, OmgError
+from omgtool.errors import InvalidArgument
 
 
 @trusting_globals
@@ -24,7 +24,7 @@ def cli(
                                        "internlm2-chat-7b or internlm/internlm2-chat-7b (looked up in the "
                                        "current directory, beside the checkpoint, then the local HuggingFace "
                                        "cache; never downloaded)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder (refused if it exists, unless --force)"),
+    out: Optional[Path] = out_option(None, help="output folder (refused if it exists, unless --force)"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default: the family mapping's, "
                                           "256 for OMG-LLaVA, or adapter_config.json's)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype bf16, fp16 or fp32 (default: the "
@@ -39,9 +39,9 @@ def cli(
     hash_base: bool = typer.Option(True, "--hash-base/--no-hash-base", help="record the base shards' sha256 "
                                    "(hashed on a background thread while merging); --no-hash-base records "
                                    "their sizes only"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object (the plan with --dry-run, "
-                                  "else the merge report)"),
+    force: bool = force_option(),
+    json_out: bool = json_option("print one JSON object (the plan with --dry-run, else the merge report; "
+                                 "errors as {\"error\", \"exit_code\"})"),
     allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Merge a checkpoint's LoRA into its base model and write a complete model folder.
@@ -63,39 +63,33 @@ def cli(
     (hidden size, layer count, LoRA rank, a target the base lacks) stops with exit 2 naming
     the tensor. Tensors stream one at a time into a temporary sibling folder that is renamed
     at the end; a failure or Ctrl-C leaves nothing behind.
-
-    Exit codes: 0 merged (or planned, with --dry-run); 1 the written output does not match its
-    plan; 2 unreadable input, bad arguments, or base and checkpoint do not match; 3 unsafe
-    pickle refused; 130 interrupted.
     """
-    from omgtool.cli.bar import StderrBar
-    from omgtool.cli.export import print_plan
-    from omgtool.cli.output import emit_json
+    import contextlib
+
+    from omgtool.cli.output import ProgressRenderer, emit_json, print_plan
+    from omgtool.formats.output_dir import check_not_overlapping, reserve_output
     from omgtool.ops.merge import plan_merge, run_merge
 
-    try:
-        if out is None and not dry_run:
-            raise InvalidArgument("--out is required (or use --dry-run)")
-        if out is not None and not dry_run and out.exists() and not force:
-            raise InvalidArgument(f"{out} already exists (use --force to replace it)")
+    if out is None and not dry_run:
+        raise InvalidArgument("--out is required (or use --dry-run)")
+    writing = out is not None and not dry_run
+    with contextlib.ExitStack() as stack:
+        if writing:  # before any planning: refused --out, a second writer, leftovers of a killed run
+            stack.enter_context(reserve_output(out, force, inputs={"checkpoint": checkpoint}))
         plan = plan_merge(checkpoint, base, alpha=alpha, dtype=dtype, family=family,
                           max_shard_size=max_shard_size, device=device)
+        stack.callback(plan.close)
         if dry_run:
-            plan.close()
             if json_out:
                 emit_json({"dry_run": True, **plan.as_dict()})
             else:
                 print_plan(plan)
             return
+        check_not_overlapping(out, {"checkpoint": checkpoint, "base": plan.facts["base"]["path"]})
         if not json_out:
             _print_header(plan)
-        with StderrBar("merge-lora", enabled=not json_out and sys.stderr.isatty()) as progress:
+        with ProgressRenderer() as progress:
             report = run_merge(plan, out, force=force, progress=progress, hash_base=hash_base)
-    except OmgError as exc:
-        if json_out:
-            emit_json({"checkpoint": str(checkpoint), "base": base, "out": str(out) if out else None,
-                       "error": exc.one_line(), "exit_code": exc.exit_code})
-        raise
     if json_out:
         emit_json(report)
     else:

@@ -29,7 +29,7 @@ def compat_name(module: str, name: str) -> tuple[str, str]:
 
 @lru_cache(maxsize=1)
 def _tables() -> dict:
-    from omgtool.arch.mapping import mappings_dir
+    from omgtool.mappings_dir import mappings_dir
     from omgtool.errors import InvalidArgument
     from omgtool.formats.dtypes import STORAGE_DTYPES, TORCH_DTYPE_NAMES
 

@@ -124,7 +124,7 @@ class _IdKey:
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class StorageType:
     dtype: str
 
 
@@ -228,7 +228,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): Opaque("numpy.dtype"),
 }
 for _name, _dtype in STORAGE_DTYPES.items():
-    ALLOWED_GLOBALS[("torch", _name)] = _StorageType(_dtype)
+    ALLOWED_GLOBALS[("torch", _name)] = StorageType(_dtype)
 for _name in TORCH_DTYPE_NAMES:
     ALLOWED_GLOBALS[("torch", _name)] = Opaque(f"torch.{_name}")
 
@@ -848,7 +848,7 @@ def _persistent(m, pid):
     storage_type, key, location, numel = pid[1:5]
     if isinstance(storage_type, (Refused, Opaque)):
         return Refused("storage of a refused type", "call")
-    if not isinstance(storage_type, _StorageType):
+    if not isinstance(storage_type, StorageType):
         raise MalformedPickle("persistent id without a storage type")
     if not isinstance(numel, int) or numel < 0:
         raise MalformedPickle("bad storage size")

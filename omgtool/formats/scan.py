@@ -32,7 +32,7 @@ from omgtool.errors import Finding, UnreadableInput, UnsafeInput
 from omgtool.formats.base import SafetyReport
 from omgtool.formats.dtypes import ITEMSIZE
 from omgtool.formats.pickle_grades import DANGEROUS, SAFE, UNKNOWN, worst
-from omgtool.formats.pickle_walker import MAX_OPCODES, MalformedPickle, WalkResult, _StorageType, walk
+from omgtool.formats.pickle_walker import MAX_OPCODES, MalformedPickle, StorageType, WalkResult, walk
 from omgtool.formats.zip_reader import LOCAL_SIG, ZipError, find_eocd, read_zip
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -366,7 +366,7 @@ class _Scan:
 
 def _storage_record(raw: bytes, walked: WalkResult) -> int | None:
     args = walked.value
-    if not (isinstance(args, tuple) and len(args) == 3 and isinstance(args[2], _StorageType)):
+    if not (isinstance(args, tuple) and len(args) == 3 and isinstance(args[2], StorageType)):
         return None
     pos = walked.end_offset
     numel = int.from_bytes(raw[pos:pos + 8], "little", signed=True)

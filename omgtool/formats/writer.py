@@ -5,21 +5,19 @@ The plan (every output name, shape, dtype: omgtool.plan.model.PlannedTensor, or 
 with name/shape/dtype/nbytes) is fixed before the first byte is written, so headers can be
 written up front and each tensor streamed to disk as soon as it is computed: memory holds
 one tensor, never a shard. Nothing appears at the final path until everything succeeded
-(`atomic_output_dir`). omgtool.plan.execute drives all of it.
+(`output_dir.atomic_output_dir`). omgtool.plan.execute drives all of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omgtool.errors import InvalidArgument, OmgError
+# The atomic output folder lives in output_dir.py; re-exported for existing callers.
+from omgtool.formats.output_dir import atomic_output_dir, check_free_space  # noqa: F401
 
 DEFAULT_MAX_SHARD = "5GB"
 
@@ -173,46 +171,6 @@ def verify_written(folder: Path, files: list[str], plan: list) -> list[str]:
             problems.append(f"{t.name}: written {list(got[0])} {got[1]}, planned {list(t.shape)} {t.dtype}")
     problems += [f"{name} written but not planned" for name in found]
     return problems
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to `out` only when the block succeeds.
-
-    An existing `out` is refused unless `force`. On any failure (Ctrl-C included) the
-    temporary folder is removed, so nothing that looks complete is left behind.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise InvalidArgument(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    _umask = os.umask(0)
-    os.umask(_umask)
-    os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes it 0700; the output is an ordinary folder
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.replace(trash / out.name)
-            tmp.replace(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_free_space(folder: Path, needed: int) -> None:
-    folder = Path(folder)
-    probe = folder if folder.exists() else folder.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if needed > free:
-        raise InvalidArgument(f"not enough free disk space in {probe}: need {needed / 1e9:.2f} GB, "
-                              f"have {free / 1e9:.2f} GB")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -12,9 +12,6 @@ written), and the provenance record.
 from __future__ import annotations
 
 import datetime
-import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,32 +204,12 @@ def _fill_pending(plan: Plan, run: Run, pending: dict[str, str], hashes: dict[st
         run.results["metadata"] = final
 
 
-class _output_folder:
-    """The atomic output: a folder (omgtool.formats.writer.atomic_output_dir), or for a single
-    .safetensors file a temporary sibling folder whose one file replaces `out` at the end."""
+def _output_folder(out: Path, force: bool, single_file: bool):
+    """The atomic output (omgtool.formats.output_dir): a folder, or for a single .safetensors
+    file a temporary sibling folder whose one file replaces `out` at the end."""
+    from omgtool.formats.output_dir import atomic_output_dir, atomic_output_file
 
-    def __init__(self, out: Path, force: bool, single_file: bool):
-        self.out, self.force, self.single = out, force, single_file
-
-    def __enter__(self) -> Path:
-        from omgtool.formats.writer import atomic_output_dir
-
-        if not self.single:
-            self._ctx = atomic_output_dir(self.out, force=self.force)
-            return self._ctx.__enter__()
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        return self._tmp
-
-    def __exit__(self, *exc) -> bool:
-        if not self.single:
-            return bool(self._ctx.__exit__(*exc))
-        try:
-            if exc[0] is None:
-                os.replace(self._tmp / self.out.name, self.out)
-        finally:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        return False
+    return (atomic_output_file if single_file else atomic_output_dir)(out, force=force)
 
 
 def provenance(command: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omgtool.errors import InvalidArgument, UnreadableInput
+from omgtool.errors import InvalidArgument, MismatchError, UnreadableInput
 from omgtool.formats.names import EXPORT_RECORD, MERGE_RECORD, PROJECTOR_FILE
 from omgtool.kernels.device import resolve_device
 from omgtool.verify.placement import GPU_BUDGET_RATIO, capped_placement, fp32_placement, free_memory, param_bytes, \
@@ -225,6 +225,14 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
     if not opts.tolerance_factor > 0:
         raise InvalidArgument("--tolerance must be positive")
     device = resolve_device(opts.device)
+    gpus = [k for k in (opts.max_memory or {}) if isinstance(k, int)]
+    if opts.device_map is not None and gpus and not device.startswith("cuda"):
+        raise InvalidArgument(f"--max-memory gives GPU {gpus[0]} a budget, but verify runs on {device} here (no "
+                              "CUDA GPU); give only cpu=SIZE (the rest is offloaded to disk) or drop --device-map")
+    if opts.image is not None:  # before any model loads
+        from omgtool.verify.models.preprocess import load_image
+
+        load_image(opts.image)
     run = _Run(opts)
     from omgtool.verify.models.llm import Placement
 
@@ -272,6 +280,26 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
     return report
 
 
+def _table_rows(ckpt, analysis) -> set[int]:
+    """Row counts of the embedding and output tables, from metadata (no tensor is read)."""
+    return {ckpt.tensors[k].shape[0] for group, keys in analysis.groups.items()
+            if group.rsplit(".", 1)[-1] in ("embeddings", "lm_head") for k in keys if ckpt.tensors[k].shape}
+
+
+def _check_vocab_fits(folder: Path, merged, adapter_path, adapter_ckpt, adapter_analysis) -> None:
+    """Fail fast, before any model loads, when the adapter's vocab cannot fit the merged folder."""
+    from omgtool.arch.infer import analyze
+
+    theirs = _table_rows(adapter_ckpt, adapter_analysis)
+    if not theirs:
+        return
+    ours = _table_rows(merged, analyze(merged))
+    if ours and ours != theirs:
+        raise MismatchError(f"--adapter {adapter_path} has {'/'.join(map(str, sorted(theirs)))} vocab rows "
+                            f"(embeddings, output), the folder {folder} has {'/'.join(map(str, sorted(ours)))}: "
+                            "they do not fit together (was the folder merged from another checkpoint?)")
+
+
 def _verify(run: _Run, placement) -> dict[str, Any]:
     import torch
 
@@ -296,6 +324,7 @@ def _verify(run: _Run, placement) -> dict[str, Any]:
                          for k in (p.a_key, p.b_key))
         run.transient = max((adapter_ckpt.tensors[p.b_key].shape[0] * adapter_ckpt.tensors[p.a_key].shape[1] * 8
                              for p in adapter_analysis.lora_pairs), default=0)
+        _check_vocab_fits(folder, merged, opts.adapter, adapter_ckpt, adapter_analysis)
     fp32_need = int((numel + lora_numel) * 4 * 1.1) + run.transient
     on_gpu = device.startswith("cuda")
     if on_gpu:
