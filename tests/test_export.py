@@ -203,9 +203,10 @@ def test_tokenizer_keeps_ids_and_matches_sentencepiece(work):
     assert gen["eos_token_id"] == [2, 318]
 
 
-def test_byte_fallback_tokenizer_uses_llama_tokenizer(tmp_path):
-    """A SentencePiece model with byte fallback (as Llama's) is written for LlamaTokenizer and
-    still gives SentencePiece's ids, unknown characters included."""
+def test_byte_fallback_tokenizer_gives_sentencepiece_ids(tmp_path):
+    """A SentencePiece model with byte fallback (as Llama's) is written for
+    PreTrainedTokenizerFast (tokenizer.json as written, in transformers 4 and 5) and gives
+    SentencePiece's ids, unknown characters included."""
     import io
 
     import sentencepiece
@@ -227,9 +228,8 @@ def test_byte_fallback_tokenizer_uses_llama_tokenizer(tmp_path):
     (src / "tokenizer_config.json").write_text(json.dumps(
         {"added_tokens_decoder": {"400": {"content": "[SEG]", "special": True}}}))
     report = write_llama_tokenizer(src, dst)
-    assert report["tokenizer_class"] == "LlamaTokenizer"
+    assert report["tokenizer_class"] == "PreTrainedTokenizerFast"
     tok = AutoTokenizer.from_pretrained(str(dst))
-    assert type(tok).__name__ == "LlamaTokenizer"
     sp = sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
     for text in ["<|im_start|>user\nhello there<|im_end|>", "caf\u00e9 \u6771\u4eac \U0001F600", "a  b\n\tc"]:
         assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
