@@ -194,7 +194,7 @@ def export_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
     _free_space(out, total + carried_bytes)
 
     config_dtype = _hf_dtype(out_dtype or _main_dtype(model_plan))
-    llama_config = llama_config_dict(config, conversion, vocab_size=rows, dtype=config_dtype)
+    llama_config = llama_config_dict(config, conversion, vocab_size=rows, dtype=config_dtype, name=out.name)
     report: dict[str, Any] = {
         "kind": "llama", "source": str(src), "out": str(out), "conversion": conversion.name,
         "num_tensors": len(model_plan), "bytes": total, "dtype": config_dtype, "vocab_size": rows,
@@ -320,7 +320,9 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
         conv = convert(weight)
         info = ckpt.tensors[key]
         shapes = transform_shapes(conv.transform, info.shape, params)
-        dt = out_dtype or info.dtype
+        # a folded LoRA stays float32 (unless --dtype): rounding it to the checkpoint's bf16 would
+        # lose the precision that base + unmerged LoRA has
+        dt = out_dtype or ("F32" if weight in pairs_by_weight else info.dtype)
         for target, shape in zip(conv.targets, shapes):
             want = base_shape(target)
             if tuple(shape[1:]) != tuple(want[1:]):
@@ -400,7 +402,8 @@ def export_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, 
     notes = list(analysis.notes)
     if folded:
         notes.append(f"LoRA on {', '.join(folded)} folded into the saved module (PEFT cannot hold a LoRA on a "
-                     f"module it also saves whole): W + (alpha {alpha_value:g} / r) * B@A in float32, rounded once")
+                     f"module it also saves whole): W + (alpha {alpha_value:g} / r) * B@A in float32"
+                     + (f", rounded once to {out_dtype} (--dtype)" if out_dtype else ", kept in float32"))
     load = _load_snippet(base_name, out, resize_rows)
     report: dict[str, Any] = {
         "kind": "peft", "source": str(ckpt_path), "base_model_name_or_path": base_name, "out": str(out),
