@@ -13,9 +13,10 @@ Generic over families through `mappings/`: the components whose `merge_target` i
 `omgtool.arch.infer.resolve_alpha`. For each base weight, in the base's own order:
 
 - merged:   W' = W + (alpha/r) B @ A, in float32 (no TF32), rounded once to the output dtype
-- replaced: a full tensor of the checkpoint takes the base tensor's place (trained in full);
-- resized:  ... with a different row count (vocab-sized tensors only: embeddings, head); a
-            LoRA on it (OMG-LLaVA's `output`) is merged into the checkpoint's tensor;
+- replaced: a full tensor of the checkpoint takes the base tensor's place (trained in full),
+            possibly with more rows (vocab-sized tensors only: embeddings, head; the plan says
+            "trained, 92544 → 92548 rows"); a LoRA on it (OMG-LLaVA's `output`) is merged into
+            the checkpoint's tensor;
 - copied:   bit-exact, or converted when --dtype changes the dtype.
 
 Tensors of other components go to the file their mapping names (`projector.safetensors`),
@@ -80,14 +81,14 @@ class MergeItem:
     """One output tensor: where its values come from and what happens to them."""
 
     name: str  # output name (the base's key, or the checkpoint's key in a side file)
-    action: str  # merged | replaced | resized | copied | converted | carried
+    action: str  # merged | replaced | added | copied | converted | carried
     shape: tuple[int, ...]
     dtype: str  # output dtype (canonical: BF16, F32, ...)
     file: str  # MODEL, or a side file name
     source: str  # "base" or "checkpoint": where the tensor (before any LoRA) is read
     key: str  # the key read from `source`
     lora: LoraSource | None = None
-    base_shape: tuple[int, ...] | None = None  # for resized: the base's shape
+    base_shape: tuple[int, ...] | None = None  # for replaced: the base's shape (rows may differ)
 
     @property
     def nbytes(self) -> int:
@@ -130,7 +131,7 @@ class MergePlan:
 
     def counts(self) -> dict[str, int]:
         c = Counter(i.action for i in self.model_items())
-        out = {k: c.get(k, 0) for k in ("merged", "replaced", "resized", "added", "copied", "converted")}
+        out = {k: c.get(k, 0) for k in ("merged", "replaced", "added", "copied", "converted")}
         out["lora_merged"] = sum(1 for i in self.model_items() if i.lora is not None)
         for name, items in self.side_files().items():
             out[name] = len(items)
@@ -165,7 +166,7 @@ class MergePlan:
             "dtype_source": "--dtype" if self.out_dtype else "the base's dtype", "device": self.device,
             "vocab": self.vocab, "counts": self.counts(), "tensors": by_action,
             "resized": {i.name: {"from": list(i.base_shape or ()), "to": list(i.shape)}
-                        for i in self.model_items() if i.action == "resized"},
+                        for i in self.model_items() if i.base_shape and i.base_shape[:1] != i.shape[:1]},
             "side_files": {f: [i.name for i in items] for f, items in self.side_files().items()},
             "tokens": self.tokens.as_dict(), "carried": [p.name for p in self.carried],
             "bytes": self.total_bytes, "max_shard_bytes": self.max_shard_bytes, "notes": self.notes,
@@ -188,15 +189,12 @@ class MergePlan:
         if self.vocab.get("output") != self.vocab.get("base"):
             lines.append(f"vocab: {self.vocab.get('base')} -> {self.vocab.get('output')} rows "
                          "(config.json vocab_size updated)")
-        for action in ("merged", "resized", "replaced", "added", "converted", "copied"):
+        for action in ("merged", "replaced", "added", "converted", "copied"):
             items = [i for i in self.model_items() if i.action == action]
             if not items:
                 continue
-            if action == "resized":
-                names = [f"{i.name} ({i.base_shape[0]} -> {i.shape[0]} rows"
-                         + (", + its LoRA" if i.lora else "") + ")" for i in items]
-            elif action == "replaced":
-                names = [i.name + (" (+ its LoRA)" if i.lora else "") for i in items]
+            if action == "replaced":
+                names = [i.name + _trained_detail(i) for i in items]
             else:
                 names = compress_names([i.name for i in items])
             lines.append(f"  {action:<9} {len(items):>4}: " + ", ".join(names))
@@ -215,6 +213,16 @@ class MergePlan:
         for ck in (self._ckpt, self._base):
             if ck is not None:
                 ck.close()
+
+
+def _trained_detail(item: MergeItem) -> str:
+    """` (trained, 92544 → 92548 rows, + its LoRA)` for a tensor taken from the checkpoint."""
+    parts = ["trained"]
+    if item.base_shape and item.shape and item.base_shape[0] != item.shape[0]:
+        parts[0] += f", {item.base_shape[0]} \u2192 {item.shape[0]} rows"
+    if item.lora:
+        parts.append("+ its LoRA")
+    return f" ({', '.join(parts)})"
 
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -404,7 +412,6 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
     def dim_name(spec, i: int) -> str:
         return spec.dims[i] if spec is not None and i < len(spec.dims) and spec.dims[i] != "_" else f"dim {i}"
 
-    resized_shapes: dict[str, tuple[int, ...]] = {}
     for weight, key in full.items():
         if weight in added:
             continue
@@ -420,7 +427,6 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
             if spec is None or dim_name(spec, 0) != "vocab_size":
                 raise MismatchError(f"{key} has {got[0]} rows but the base's {weight} has {want[0]}; only "
                                     "vocab-sized tensors (embeddings, head) may be resized")
-            resized_shapes[weight] = tuple(got)
 
     # LoRA pairs on the model: alpha, rank, and the shape they update.
     alpha_value, alpha_source = resolve_alpha(fam, ckpt, alpha)
@@ -463,8 +469,7 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
         if name in full:
             key = full[name]
             shape = tuple(ckpt.tensors[key].shape)
-            action = "resized" if name in resized_shapes else "replaced"
-            items.append(MergeItem(name, action, shape, dt, MODEL, "checkpoint", key, lora, tuple(info.shape)))
+            items.append(MergeItem(name, "replaced", shape, dt, MODEL, "checkpoint", key, lora, tuple(info.shape)))
         elif lora is not None:
             items.append(MergeItem(name, "merged", tuple(info.shape), dt, MODEL, "base", name, lora))
         else:
@@ -854,8 +859,9 @@ def _readme(plan: MergePlan, report: dict[str, Any]) -> str:
              "base's layout and key names, so the base's own code loads it"
              + (" (`trust_remote_code=True`)" if "auto_map" in plan.config else "") + ".", ""]
     c = report["counts"]
-    lines.append(f"- {c['merged']} weights merged (W + alpha/r B@A), {c['resized']} resized and {c['replaced']} "
-                 f"replaced by the checkpoint's trained tensors, {c['copied']} copied unchanged"
+    lines.append(f"- {c['merged']} weights merged (W + alpha/r B@A), {c['replaced']} replaced by the checkpoint's "
+                 f"trained tensors ({len(report['resized'])} with the resized vocabulary's rows), "
+                 f"{c['copied']} copied unchanged"
                  + (f", {c['converted']} converted to {report['dtype']}" if c["converted"] else "") + ".")
     if c.get("added"):
         lines.append(f"- {c['added']} tensors the base lacks (e.g. a multimodal projector) added from the checkpoint "
