@@ -1,7 +1,7 @@
 """The Llama export read by a transformers 4.x release (the project's own venv has 5.x).
 
 transformers 4.57.6 (with the tokenizers and huggingface_hub it needs) is installed once into
-a side folder, `.venv/side-transformers4`, and put first on PYTHONPATH of a subprocess that
+a side folder, `.venv/side-transformers4` (tests/clients/side.py), and put first on PYTHONPATH of a subprocess that
 reuses the main venv's torch (tests/clients/transformers4_load.py). It loads the tiny `--to
 llama` export; its logits are compared with the independent InternLM2 forward
 (tests/reference_internlm2.py) and its tokenizer ids with SentencePiece chunk by chunk.
@@ -12,47 +12,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.cli_helpers import folder_weights, ok as _ok
+from tests.clients.side import SideInstallFailed, transformers4
 from tests.paths import BASE, ROOT
 from tests.reference_internlm2 import internlm2_forward
 from tests.tokenizer_oracle import chat_prompts, chunkwise_ids, write_internlm2_like_folder
 
-RELEASE = "transformers==4.57.6"
-SIDE = ROOT / ".venv" / "side-transformers4"
-PACKAGES = [RELEASE, "tokenizers>=0.22,<0.23", "huggingface_hub>=0.34,<1.0", "requests", "urllib3", "idna",
-            "charset_normalizer", "certifi"]
-
-
-def _side_install() -> None:
-    stamp = SIDE / ".installed"
-    if stamp.is_file() and stamp.read_text() == " ".join(PACKAGES):
-        return
-    tmp = SIDE.with_name(SIDE.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-           "--target", str(tmp), *PACKAGES]
+def _side_install() -> Path:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"{RELEASE} could not be installed into {SIDE} within 300 s")
-    if proc.returncode != 0:
-        last = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING: Location")]
-        pytest.skip(f"{RELEASE} could not be installed into {SIDE}: {last[-1] if last else proc.returncode}")
-    (tmp / ".installed").write_text(" ".join(PACKAGES))
-    shutil.rmtree(SIDE, ignore_errors=True)
-    tmp.rename(SIDE)
+        return transformers4()
+    except SideInstallFailed as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
 def tf4(tmp_path_factory):
-    _side_install()
+    side = _side_install()
     tmp = tmp_path_factory.mktemp("tf4")
     _ok("export", BASE, "--to", "llama", "--out", tmp / "llama")
     # the config as the previous export wrote it: rope settings in the 5.x form only
@@ -77,7 +59,7 @@ def tf4(tmp_path_factory):
     job = {"model": str(tmp / "llama"), "tokenizers": [str(tmp / "llama"), str(tmp / "tok")],
            "configs": [str(tmp / "llama"), str(old)], "out": str(out)}
     (tmp / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SIDE), str(ROOT)]), "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(side), str(ROOT)]), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     proc = subprocess.run([sys.executable, "-m", "tests.clients.transformers4_load", str(tmp / "job.json")],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
