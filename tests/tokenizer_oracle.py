@@ -31,7 +31,7 @@ def chunkwise_ids(sp, text: str, added: dict[str, int]) -> list[int]:
     return ids
 
 
-def train_internlm2_like_model(*, byte_fallback: bool, dummy_prefix: bool = True) -> bytes:
+def train_internlm2_like_model(*, byte_fallback: bool, dummy_prefix: bool = True, vocab_size: int = 600) -> bytes:
     """A small BPE SentencePiece model trained like internlm2-chat-7b's: identity normalizer,
     spaces kept, the dummy prefix on, the six chat tokens as user-defined pieces."""
     import sentencepiece
@@ -40,14 +40,15 @@ def train_internlm2_like_model(*, byte_fallback: bool, dummy_prefix: bool = True
 
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus()), model_writer=buf, model_type="bpe", vocab_size=600,
+        sentence_iterator=iter(tokenizer_corpus()), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
         character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=dummy_prefix,
         byte_fallback=byte_fallback, split_digits=True, user_defined_symbols=list(CHAT_TOKENS), minloglevel=2)
     return buf.getvalue()
 
 
-def write_internlm2_like_folder(dst: Path, *, byte_fallback: bool, dummy_prefix: bool = True) -> dict[str, int]:
+def write_internlm2_like_folder(dst: Path, *, byte_fallback: bool, dummy_prefix: bool = True,
+                                vocab_size: int = 600) -> dict[str, int]:
     """tokenizer.model + tokenizer_config.json (InternLM2 remote-code classes) with OMG-LLaVA's
     tokens registered past the SentencePiece vocab, as merge-lora writes them. Returns every
     added token -> id (the chat tokens included)."""
@@ -56,7 +57,7 @@ def write_internlm2_like_folder(dst: Path, *, byte_fallback: bool, dummy_prefix:
     from fixtures.generate import CHAT_TOKENS
 
     dst.mkdir(parents=True, exist_ok=True)
-    model = train_internlm2_like_model(byte_fallback=byte_fallback, dummy_prefix=dummy_prefix)
+    model = train_internlm2_like_model(byte_fallback=byte_fallback, dummy_prefix=dummy_prefix, vocab_size=vocab_size)
     (dst / "tokenizer.model").write_bytes(model)
     sp = sentencepiece.SentencePieceProcessor(model_proto=model)
     added = {"<unk>": 0, "<s>": 1, "</s>": 2}
