@@ -67,7 +67,8 @@ def fetch_llama_cpp(work: Path) -> Path:
     sdist = next(dl.glob("llama_cpp_python-*.tar.gz"))
     shutil.rmtree(root, ignore_errors=True)
     with tarfile.open(sdist) as tar:
-        prefix = next(m.name for m in tar.getmembers() if m.name.endswith("/vendor/llama.cpp"))
+        prefix = next(m.name for m in tar.getmembers()
+                      if m.name.endswith("/vendor/llama.cpp/convert_hf_to_gguf.py")).rsplit("/", 1)[0]
         members = [m for m in tar.getmembers() if m.name.startswith(prefix + "/")]
         for m in members:
             m.name = m.name[len(prefix) + 1:]
