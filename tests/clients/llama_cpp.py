@@ -138,8 +138,8 @@ def check_gguf(path: Path, folder: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    check(Path(gguf.__file__).is_relative_to(GGUF_SIDE), f"gguf {gguf.__version__ if hasattr(gguf, '__version__') else ''}"
-          f" read from the registry package ({Path(gguf.__file__).parent})")
+    check(Path(gguf.__file__).is_relative_to(GGUF_SIDE), f"GGUF read with the registry's {GGUF_PACKAGES[0]} "
+          f"({Path(gguf.__file__).parent}), not the sdist's gguf-py")
     reader = gguf.GGUFReader(str(path))
     cfg = json.loads((folder / "config.json").read_text())
     meta = {k: _field(reader, k) for k in (
