@@ -18,8 +18,9 @@ from pathlib import Path
 OMG_TOKENS = ("[SEG]", "<p>", "</p>", "<region>", "<mark>")
 
 
-def chunkwise_ids(sp, text: str, added: dict[str, int]) -> list[int]:
-    """Ids as InternLM2's tokenizer gives them (no BOS)."""
+def chunkwise_ids(sp, text: str, added: dict[str, int], *, space: bool = False) -> list[int]:
+    """Ids as InternLM2's tokenizer gives them (no BOS). `space` puts a ' ' before every chunk
+    first (llama.cpp's add_space_prefix, for a model without its own dummy prefix)."""
     if not added:
         return sp.encode(text) if text else []
     pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
@@ -27,7 +28,7 @@ def chunkwise_ids(sp, text: str, added: dict[str, int]) -> list[int]:
     for chunk in pattern.split(text):
         if not chunk:
             continue
-        ids += [added[chunk]] if chunk in added else sp.encode(chunk)
+        ids += [added[chunk]] if chunk in added else sp.encode(" " * space + chunk)
     return ids
 
 

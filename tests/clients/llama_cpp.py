@@ -251,7 +251,7 @@ def check_tokenization(binary: Path, gguf_path: Path, folder: Path, info: dict) 
         got = llama_cpp_ids(binary, gguf_path, text)
         # llama.cpp: split at its special tokens (<mark> is not one), ' ' before every chunk when
         # add_space_prefix, then SentencePiece (whose own dummy prefix is that space)
-        rule = [1] + _chunks(sp, text, in_gguf, space=space and not dummy)
+        rule = [1] + chunkwise_ids(sp, text, in_gguf, space=space and not dummy)
         check(got == rule, f"llama.cpp ids follow its rule on {text[:40]!r}")
         if got == training:
             same += 1
@@ -266,17 +266,6 @@ def check_tokenization(binary: Path, gguf_path: Path, folder: Path, info: dict) 
     else:
         print("      no dummy prefix in this tokenizer.model: llama.cpp still prefixes every chunk (its Llama "
               "converter writes no add_space_prefix, and llama.cpp's default is on)")
-
-
-def _chunks(sp, text: str, special: dict[str, int], *, space: bool) -> list[int]:
-    import re
-
-    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) + ")")
-    ids: list[int] = []
-    for chunk in split.split(text):
-        if chunk:
-            ids += [special[chunk]] if chunk in special else sp.encode((" " if space else "") + chunk)
-    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
