@@ -43,3 +43,11 @@ bench-report: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# Not part of `make test`: llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist
+# on the package registry, unpacked under build/clients, never vendored) converts the tiny
+# fixture's Llama export; the gguf package reads it back. LLAMA_TOKENIZE=1 also builds llama.cpp's
+# llama-tokenize (cmake; minutes on 2 cores the first time) and compares its ids with training's.
+.PHONY: clients
+clients: $(STAMP)
+	$(PY) -m tests.clients.llama_cpp $(if $(LLAMA_TOKENIZE),--llama-tokenize)

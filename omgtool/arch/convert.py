@@ -127,10 +127,36 @@ def iter_converted(ckpt: Checkpoint, pieces: list[PlannedTensor], params: dict[s
         yield piece.name, outputs[piece.params["index"]].to(torch_dtype(piece.dtype))
 
 
+# InternLM2Config's default when config.json has no rope_theta.
+INTERNLM2_ROPE_THETA = 10000.0
+
+
+def rope_settings(src: dict[str, Any]) -> dict[str, Any]:
+    """The rope base and scaling of an InternLM2 config in every form a Llama reader looks for:
+    top-level `rope_theta` + `rope_scaling` (transformers 4.x, llama.cpp's converters) and
+    `rope_parameters` (transformers 5.x). A 4.x reader that finds no `rope_theta` silently uses
+    10000, so the base is always written out."""
+    theta = src.get("rope_theta", INTERNLM2_ROPE_THETA)
+    scaling = src.get("rope_scaling")
+    out: dict[str, Any] = {"rope_theta": theta}
+    if isinstance(scaling, dict):
+        scaling = dict(scaling)
+        kind = scaling.pop("rope_type", None) or scaling.pop("type", None)
+        scaling.pop("type", None)
+        out["rope_scaling"] = {"type": kind, "rope_type": kind, **scaling}
+        out["rope_parameters"] = {"rope_type": kind, "rope_theta": theta, **scaling}
+    else:
+        out["rope_scaling"] = None
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    return out
+
+
 def llama_config_dict(src: dict[str, Any], conversion: ConversionMapping, *, vocab_size: int | None = None,
-                      dtype: str | None = None) -> dict[str, Any]:
-    """The source config rewritten for LlamaForCausalLM, in the form the installed
-    transformers expects (its LlamaConfig normalises rope_scaling / rope_parameters)."""
+                      dtype: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """The InternLM2 config rewritten for LlamaForCausalLM. The installed transformers'
+    LlamaConfig fills in the Llama fields; the rope settings and the dtype are then written in
+    both the 4.x and the 5.x form, so either major version (and llama.cpp) reads the same model.
+    `name` becomes `_name_or_path` (llama.cpp's converter takes general.name from it)."""
     from transformers import LlamaConfig
 
     cfg = {k: v for k, v in src.items() if k not in conversion.config.drop}
@@ -154,4 +180,10 @@ def llama_config_dict(src: dict[str, Any], conversion: ConversionMapping, *, voc
     config = LlamaConfig(**cfg)
     out = config.to_dict()
     out["model_type"] = model_type or conversion.target
+    out.update(rope_settings(src))
+    config_dtype = out.get("dtype") or out.get("torch_dtype")
+    if config_dtype:
+        out["dtype"] = out["torch_dtype"] = str(config_dtype).removeprefix("torch.")  # < 4.56 reads torch_dtype
+    if name:
+        out["_name_or_path"] = name
     return out

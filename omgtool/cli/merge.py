@@ -34,7 +34,7 @@ def cli(
                                        "200MB, 200KB, 2GiB)"),
     device: str = typer.Option("auto", "--device", help="where the LoRA matmuls run: auto (cuda when "
                                "available), cpu, cuda or cuda:N"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (merged, resized, replaced, copied) "
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (merged, replaced, copied) "
                                  "and write nothing"),
     hash_base: bool = typer.Option(True, "--hash-base/--no-hash-base", help="record the base shards' sha256 "
                                    "(hashed on a background thread while merging); --no-hash-base records "
@@ -123,7 +123,7 @@ def render(report: dict[str, Any]) -> None:
     outputs = report.get("outputs", {})
     weights = [k for k in outputs if k.endswith(".safetensors")]
     total = sum(outputs[k]["bytes"] for k in weights)
-    console.print(f"[bold]{esc(report['out'])}[/]: {c['merged']} merged, {c['resized']} resized, "
+    console.print(f"[bold]{esc(report['out'])}[/]: {c['merged']} merged, "
                   f"{c['replaced']} replaced, {c['copied']} copied"
                   + (f", {c['converted']} converted" if c["converted"] else "")
                   + f"; {format_size(total)} in {len(weights)} safetensors files, dtype {report['dtype']}, "

@@ -143,7 +143,8 @@ def plan_llama(src: str | Path, out: str | Path, *, dtype: str | None = None,
         from omgtool.arch.convert import llama_config_dict
         from omgtool.formats.writer import write_json
 
-        write_json(folder / CONFIG, llama_config_dict(config, conversion, vocab_size=rows, dtype=config_dtype))
+        write_json(folder / CONFIG, llama_config_dict(config, conversion, vocab_size=rows, dtype=config_dtype,
+                                                     name=out.name))
         _write_generation_config(src, folder, config)
 
     def tokenizer(folder: Path, run) -> dict[str, Any]:
@@ -277,8 +278,10 @@ def plan_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, *,
         conv = convert(m.weight)
         info = ckpt.tensors[m.key]
         shapes = transform_shapes(conv.transform, info.shape, params)
-        dt = out_dtype or info.dtype
         pair = pairs_by_weight.pop(m.weight, None)
+        # a folded LoRA stays float32 (unless --dtype): rounding it to the checkpoint's bf16 would
+        # lose the precision that base + unmerged LoRA has
+        dt = out_dtype or ("F32" if pair is not None else info.dtype)
         sources = (Source("checkpoint", m.key),)
         fold: dict[str, Any] = {}
         if pair is not None:
@@ -340,7 +343,8 @@ def plan_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, *,
     notes = list(analysis.notes)
     if folded:
         notes.append(f"LoRA on {', '.join(folded)} folded into the saved module (PEFT cannot hold a LoRA on a "
-                     f"module it also saves whole): W + (alpha {alpha_value:g} / r) * B@A in float32, rounded once")
+                     f"module it also saves whole): W + (alpha {alpha_value:g} / r) * B@A in float32"
+                     + (f", rounded once to {out_dtype} (--dtype)" if out_dtype else ", kept in float32"))
     metadata = {"format": "pt", "omgtool": f"export peft {__version__}", "source": ckpt_path.name,
                 "lora_alpha": f"{alpha_value:g}", "lora_alpha_source": alpha_source}
     files = {stem: TensorFile(stem, index=False, metadata=metadata)

@@ -50,6 +50,7 @@ def build_report(path: Path, *, alpha: float | None = None, family: str | None =
                      "group": analysis.matches[t.name].group if t.name in analysis.matches else "unexplained",
                      "location": t.location} for t in selected],
         "architecture": analysis.architecture,
+        "stage_reason": analysis.stage_reason,
         "groups": {g: v["count"] for g, v in groups.items()},
         "group_details": groups,
         "unexplained": analysis.unexplained,

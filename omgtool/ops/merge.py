@@ -14,9 +14,10 @@ Generic over families through `mappings/`: the components whose `merge_target` i
 weight, in the base's own order:
 
 - merged:   W' = W + scale * B @ A, in float32 (no TF32), rounded once to the output dtype
-- replaced: a full tensor of the checkpoint takes the base tensor's place (trained in full);
-- resized:  ... with a different row count (vocab-sized tensors only: embeddings, head); a
-            LoRA on it (OMG-LLaVA's `output`) is merged into the checkpoint's tensor;
+- replaced: a full tensor of the checkpoint takes the base tensor's place (trained in full),
+            possibly with more rows (vocab-sized tensors only: embeddings, head; the plan says
+            "trained, 92544 → 92548 rows"); a LoRA on it (OMG-LLaVA's `output`) is merged into
+            the checkpoint's tensor;
 - copied:   bit-exact, or converted when --dtype changes the dtype.
 
 Tensors of other components go to the file their mapping names (`projector.safetensors`),
@@ -43,7 +44,7 @@ from omgtool.sizes import format_size, size_on_disk
 
 MODEL = "model"
 RECORD = MERGE_RECORD
-ACTIONS = ("merged", "resized", "replaced", "added", "converted", "copied")
+ACTIONS = ("merged", "replaced", "added", "converted", "copied")
 # Weight files of a base folder that are never carried (the merged weights replace them).
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
                    "*.pth", "*.pt", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "consolidated*")
@@ -325,12 +326,9 @@ def _model_tensors(s: _Planning, full, added, resized, loras) -> list[PlannedTen
         if name in full:
             key = full[name]
             shape = tuple(s.ckpt.tensors[key].shape)
-            if name in resized:
-                detail = f"{info.shape[0]} -> {shape[0]} rows" + (", + its LoRA" if lora else "")
-                out.append(_tensor(name, shape, dt, "resized", Source("checkpoint", key), lora, detail))
-            else:
-                out.append(_tensor(name, shape, dt, "replaced", Source("checkpoint", key), lora,
-                                   "+ its LoRA" if lora else ""))
+            detail = "trained" + (f", {info.shape[0]} \u2192 {shape[0]} rows" if name in resized else "") \
+                + (", + its LoRA" if lora else "")
+            out.append(_tensor(name, shape, dt, "replaced", Source("checkpoint", key), lora, detail))
         elif lora is not None:
             out.append(_tensor(name, info.shape, dt, "merged", Source("base", name), lora))
         else:
@@ -488,7 +486,8 @@ def _facts(s: _Planning, tensors, tokens, carried, alpha, alpha_source, vocab, m
                    **{f: len(names) for f, names in side.items()}},
         "tensors": by_action,
         "resized": {t.name: {"from": list(s.base_ckpt.tensors[t.name].shape), "to": list(t.shape)}
-                    for t in model if t.action == "resized"},
+                    for t in model if t.action == "replaced" and t.name in s.base_ckpt.tensors
+                    and tuple(s.base_ckpt.tensors[t.name].shape[:1]) != tuple(t.shape[:1])},
         "side_files": side, "tokens": tokens.as_dict(), "carried": [p.name for p in carried],
         "max_shard_bytes": max_shard,
     }
@@ -609,8 +608,9 @@ def _readme(plan: Plan, report: dict[str, Any]) -> str:
              "base's layout and key names, so the base's own code loads it"
              + (" (`trust_remote_code=True`)" if "auto_map" in plan.context["config"] else "") + ".", ""]
     c = report["counts"]
-    lines.append(f"- {c['merged']} weights merged (W + scale B@A), {c['resized']} resized and {c['replaced']} "
-                 f"replaced by the checkpoint's trained tensors, {c['copied']} copied unchanged"
+    lines.append(f"- {c['merged']} weights merged (W + scale B@A), {c['replaced']} "
+                 f"replaced by the checkpoint's trained tensors (with the added tokens' rows where the row count "
+                 f"differs), {c['copied']} copied unchanged"
                  + (f", {c['converted']} converted to {report['dtype']}" if c["converted"] else "") + ".")
     if c.get("added"):
         lines.append(f"- {c['added']} tensors the base lacks (e.g. a multimodal projector) added from the checkpoint "
