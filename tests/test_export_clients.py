@@ -71,11 +71,11 @@ def test_config_rope_reads_the_same_in_transformers_4_and_5(exports):
 def test_config_without_rope_scaling_or_theta(tmp_path):
     """An InternLM2 config with neither key: InternLM2's default base 10000 written out, no
     scaling in either form."""
-    from omgtool.arch.convert import internlm2_to_llama, llama_config_dict
+    from omgtool.arch.convert import conversion_between, llama_config_dict
 
     src = {k: v for k, v in json.loads((BASE / "config.json").read_text()).items()
            if k not in ("rope_theta", "rope_scaling")}
-    cfg = llama_config_dict(src, internlm2_to_llama())
+    cfg = llama_config_dict(src, conversion_between("internlm2", "llama"))
     assert _read_rope_as_transformers4(cfg) == (10000.0, None)
     assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
 

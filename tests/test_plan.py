@@ -83,7 +83,7 @@ def test_plan_is_what_gets_written(kind, tmp_path, base_llama):
     planned = {t["name"]: (t["shape"], t["dtype"]) for t in plan["planned"]}
     assert planned == {k: (s.get_shape(), s.get_dtype()) for k, s in written.items()}
     if kind == "merge-lora":
-        assert plan["counts"]["merged"] + plan["counts"]["resized"] + plan["counts"]["copied"] \
+        assert plan["counts"]["merged"] + plan["counts"]["replaced"] + plan["counts"]["copied"] \
             + plan["counts"]["projector.safetensors"] == len(written)
 
 
