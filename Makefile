@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench-report clean fixtures
+.PHONY: venv demo test wheel bench-report clean fixtures
 
 venv: $(STAMP)
 
@@ -23,12 +23,19 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	@bash scripts/demo.sh
 
+# The suite includes tests/test_packaging.py: it builds the wheel, installs it into a fresh
+# venv outside the repository and runs inspect, diff and merge-lora from there.
 test: $(STAMP)
 	$(PY) -m pytest
+
+# A wheel for real installs (pip install dist/omgtool-*.whl); the mappings ship inside it.
+wheel: $(STAMP)
+	$(PY) -m pip wheel . --no-deps -q -w dist
 
 fixtures: $(STAMP)
 	$(PY) -m fixtures.generate --out fixtures/tiny
 	$(PY) -m fixtures.llava --out fixtures/tiny
+	$(PY) -m fixtures.qwen2 --out fixtures/tiny
 
 # The benchmarks are heavy (real-size files under /tmp): run them one by one, e.g.
 # `.venv/bin/python -m bench.bench_inspect`, then assemble docs/benchmarks.md:
@@ -36,4 +43,12 @@ bench-report: $(STAMP)
 	$(PY) -m bench.report
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
+
+# Not part of `make test`: llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist
+# on the package registry, unpacked under build/clients, never vendored) converts the tiny
+# fixture's Llama export; the gguf package reads it back. LLAMA_TOKENIZE=1 also builds llama.cpp's
+# llama-tokenize (cmake; minutes on 2 cores the first time) and compares its ids with training's.
+.PHONY: clients
+clients: $(STAMP)
+	$(PY) -m tests.clients.llama_cpp $(if $(LLAMA_TOKENIZE),--llama-tokenize)

@@ -51,22 +51,32 @@ class MismatchError(InvalidArgument):
 
 @dataclass(frozen=True)
 class Finding:
-    """One reason a pickle is unsafe: what it references, with which opcode, where."""
+    """One reason a pickle is not safe: what it references, with which opcode, where, how bad.
+
+    grade: "unknown" (outside the allowlist) or "dangerous" (can run code, touch files, import).
+    """
 
     module: str
     name: str
     opcode: str
     offset: int
     member: str = ""
+    grade: str = "unknown"
+    why: str = ""
+
+    @property
+    def target(self) -> str:
+        if self.module and self.name:
+            return f"{self.module}.{self.name}"
+        return self.module or self.name or "?"
 
     def describe(self) -> str:
         where = f"{self.member}@{self.offset}" if self.member else f"@{self.offset}"
-        target = f"{self.module}.{self.name}" if self.module or self.name else "?"
-        return f"{target} ({self.opcode} {where})"
+        return f"{self.target} ({self.grade}, {self.opcode} {where})"
 
     def as_dict(self) -> dict:
-        return {"global": f"{self.module}.{self.name}", "opcode": self.opcode,
-                "offset": self.offset, "member": self.member}
+        return {"global": self.target, "grade": self.grade, "opcode": self.opcode,
+                "member": self.member, "offset": self.offset, "why": self.why}
 
 
 class UnsafeInput(OmgError):
@@ -74,8 +84,13 @@ class UnsafeInput(OmgError):
 
     exit_code = 3
 
-    def __init__(self, path: str | Path, findings: list[Finding]):
+    def __init__(self, path: str | Path, findings: list[Finding], verdict: str = "", note: str = ""):
         shown = ", ".join(f.describe() for f in findings[:5])
         more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
-        super().__init__(f"refused, unsafe pickle: {shown}{more}", path)
+        verdict = verdict or ("dangerous" if any(f.grade == "dangerous" for f in findings) else "unknown")
+        hint = "" if verdict == "dangerous" else " (trust a global with --allow-global MODULE.NAME)"
+        note = f"{note}: " if note else ""
+        super().__init__(f"refused, unsafe pickle ({note}{verdict}: loading it would run code): "
+                         f"{shown}{more}{hint}", path)
         self.findings = findings
+        self.verdict = verdict

@@ -260,7 +260,8 @@ def test_pretrain_merge_replaces_tables_only(work):
             assert torch.equal(got[name].view(torch.int16), t.view(torch.int16)), name
     record = json.loads((out / "omgtool-merge.json").read_text())
     assert record["stage"] == "pretrain" and record["lora"] is None and record["deltas"] == {}
-    assert record["counts"]["resized"] == 2 and record["counts"]["merged"] == 0
+    assert record["counts"]["replaced"] == 2 and record["counts"]["merged"] == 0
+    assert set(record["resized"]) == {"model.tok_embeddings.weight", "output.weight"}
     assert json.loads((out / "config.json").read_text())["vocab_size"] == ROWS
     with safe_open(str(out / "projector.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -419,14 +420,16 @@ def test_base_resolution_order_and_hf_cache(tmp_path, monkeypatch):
 def test_dry_run_writes_nothing(tmp_path):
     result = _ok("merge-lora", FINETUNE, "--base", BASE, "--out", tmp_path / "o", "--dry-run")
     text = result.stdout
-    for needle in ("merged", "resized", "copied", "model.tok_embeddings.weight (320 -> 324 rows)",
-                   "output.weight (320 -> 324 rows, + its LoRA)", "alpha 256", "<mark> 324 (no embedding row)"):
+    for needle in ("merged", "replaced", "copied", "model.tok_embeddings.weight (trained, 320 \u2192 324 rows)",
+                   "output.weight (trained, 320 \u2192 324 rows, + its LoRA)", "alpha 256",
+                   "<mark> 324 (no embedding row)"):
         assert needle in " ".join(text.split()), needle
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
     plan = json.loads(_ok("merge-lora", FINETUNE, "--base", BASE, "--dry-run", "--json").stdout)
-    assert plan["counts"]["merged"] == 10 and plan["counts"]["resized"] == 2 and plan["counts"]["copied"] == 5
+    assert plan["counts"]["merged"] == 10 and plan["counts"]["replaced"] == 2 and plan["counts"]["copied"] == 5
     assert plan["counts"]["projector.safetensors"] == 15 and plan["lora"]["scale"] == 32.0
-    assert sorted(plan["tensors"]["resized"]) == ["model.tok_embeddings.weight", "output.weight"]
+    assert sorted(plan["tensors"]["replaced"]) == ["model.tok_embeddings.weight", "output.weight"]
+    assert sorted(plan["resized"]) == ["model.tok_embeddings.weight", "output.weight"]
 
 
 # --- bad inputs: exit 2, one line naming the tensor, nothing written ---------------------------
@@ -523,6 +526,7 @@ def test_interrupted_or_failed_write_leaves_nothing(tmp_path, monkeypatch):
     # a failure after every tensor was written (writing the README): still nothing, and --force keeps the old
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "old.txt").write_text("previous")
+    (tmp_path / "o" / "omgtool-merge.json").write_text("{}")  # an earlier omgtool output: --force may replace it
     monkeypatch.setattr(ShardedSafetensorsWriter, "write_rows", real)
     import omgtool.ops.merge as merge_mod
 
@@ -533,7 +537,7 @@ def test_interrupted_or_failed_write_leaves_nothing(tmp_path, monkeypatch):
     result = _run("merge-lora", FINETUNE, "--base", BASE, "--out", tmp_path / "o", "--force")
     assert result.exit_code == 4 and "disk full" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["old.txt", "omgtool-merge.json"]
 
 
 def test_carries_every_non_weight_file_of_the_base(tmp_path):

@@ -149,3 +149,21 @@ def test_quantized_weight_without_lora_is_written_as_its_round_trip(tmp_path):
     stats = report["qlora"]["per_tensor"]
     assert "q_over_delta" not in stats["model.layers.0.feed_forward.w2.weight"]  # no LoRA there
     assert "q_over_delta" in stats["model.layers.0.attention.wqkv.weight"]
+
+
+def test_standard_merge_measures_quantized_weights_without_lora_and_copies_them(tmp_path):
+    """--base-weights original with a LoRA on wqkv only: the other quantized linears are
+    measured by the copy kernel's weight step, and still copied bit-exactly."""
+    sd = {k: v for k, v in load_ckpt(FINETUNE).items() if ".lora_" not in k or ".attention.wqkv." in k}
+    ckpt = tmp_path / "omg_llava_partial.pth"
+    torch.save(sd, ckpt)
+    report = json.loads(ok("merge-lora", ckpt, "--base", BASE, "--out", tmp_path / "o", "--json").stdout)
+    assert report["counts"]["merged"] == 2 and report["counts"]["converted"] == 0
+    q = report["qlora"]
+    assert q["base_weights"] == "original" and set(q["per_tensor"]) == set(q["quantized"]) and len(q["quantized"]) == 10
+    base, got = load_base(), folder_weights(tmp_path / "o")
+    name = "model.layers.0.feed_forward.w2.weight"
+    assert torch.equal(got[name], base[name])  # measured, not rounded
+    q_norm = float((nf4.roundtrip(base[name], nf4.QuantSettings()).float() - base[name].float()).norm())
+    assert q["per_tensor"][name]["q_norm"] == pytest.approx(q_norm, rel=1e-4)
+    assert "q_over_delta" not in q["per_tensor"][name]

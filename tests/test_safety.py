@@ -151,10 +151,12 @@ def test_json_reports_findings(tmp_path):
     import json
 
     report = json.loads(result.stdout)
-    assert report["safety"]["verdict"] == "unsafe"
+    assert report["safety"]["verdict"] == "dangerous"
     finding = report["safety"]["findings"][0]
     assert finding["global"] == f"{os.system.__module__}.system"
     assert finding["opcode"] == "GLOBAL" and finding["offset"] > 0
+    assert finding["grade"] == "dangerous" and finding["member"].endswith("data.pkl") and finding["why"]
+    assert [t["name"] for t in report["tensors"]] == ["w"]  # still listed, from the opcode walk
     assert not marker.exists()
 
 
@@ -198,15 +200,21 @@ def test_build_on_foreign_object_refused(tmp_path):
 
 
 def test_numpy_metadata_is_inert(tmp_path):
-    """Training frameworks leave numpy scalars in checkpoints: allowed as inert stubs, not imported."""
+    """numpy scalars are allowlisted inert stubs; numpy arrays are unknown (numpy code rebuilds
+    them) unless allowed. numpy is never imported either way."""
     import numpy as np
 
-    path = tmp_path / "np.pth"
-    torch.save({"w": torch.ones(3), "step": np.int64(7), "arr": np.arange(3)}, path)
-    code = ("import sys; from omgtool.formats import open_checkpoint; "
-            f"c = open_checkpoint({str(path)!r}); print(sorted(c.tensors), 'numpy' in sys.modules)")
+    scalars = tmp_path / "np_scalars.pth"
+    torch.save({"w": torch.ones(3), "step": np.int64(7), "loss": np.float32(0.5)}, scalars)
+    arrays = tmp_path / "np_arrays.pth"
+    torch.save({"w": torch.ones(3), "arr": np.arange(3)}, arrays)
+    code = ("import sys; from omgtool.formats import open_checkpoint; from omgtool.errors import UnsafeInput\n"
+            f"c = open_checkpoint({str(scalars)!r}); print(sorted(c.tensors), c.safety.verdict)\n"
+            f"try:\n    open_checkpoint({str(arrays)!r})\nexcept UnsafeInput as e:\n    print(e.verdict, "
+            "sorted(f.name for f in e.findings))\n"
+            "print('numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['w'] False"
+    assert out.splitlines() == ["['w'] safe", "unknown ['_reconstruct', 'ndarray']", "False"]
 
 
 def test_inspect_never_imports_torch(tmp_path):

@@ -121,18 +121,19 @@ def test_gpu_budget_decides_placement(monkeypatch):
     accelerate with the GPU capped at the budget. The CPU is never capped."""
     from pathlib import Path
 
+    import omgtool.verify.placement as P
     import omgtool.verify.run as V
     from omgtool.verify.models.llm import Placement
 
     run = V._Run(V.VerifyOptions(folder=Path(".")))
     llm_params, lora_params = 7_740_000_000, 1_260_000_000
-    run.gpu_budget = int(V.GPU_BUDGET_RATIO * 2 * llm_params)
+    run.gpu_budget = int(P.GPU_BUDGET_RATIO * 2 * llm_params)
     run.transient = 92548 * 4096 * 8
-    monkeypatch.setattr(V, "free_memory", lambda d: (80 << 30) if d.startswith("cuda") else (100 << 30))
+    monkeypatch.setattr(P, "free_memory", lambda d: (80 << 30) if d.startswith("cuda") else (100 << 30))
     gpu = Placement("cuda:0")
-    assert V.capped_placement(run, gpu, 4 * llm_params) is gpu
-    ref = V.capped_placement(run, gpu, 4 * (llm_params + lora_params))
+    assert P.capped_placement(run, gpu, 4 * llm_params) is gpu
+    ref = P.capped_placement(run, gpu, 4 * (llm_params + lora_params))
     assert ref.device_map == "auto"
-    assert ref.max_memory[0] == run.gpu_budget - run.transient - V.GPU_MARGIN
-    assert ref.max_memory[0] + run.transient + V.GPU_MARGIN <= 2.5 * 2 * llm_params
-    assert V.capped_placement(run, Placement("cpu"), 10 ** 13).device_map is None
+    assert ref.max_memory[0] == run.gpu_budget - run.transient - P.GPU_MARGIN
+    assert ref.max_memory[0] + run.transient + P.GPU_MARGIN <= 2.5 * 2 * llm_params
+    assert P.capped_placement(run, Placement("cpu"), 10 ** 13).device_map is None

@@ -7,14 +7,14 @@ user asks for (heads, kv heads, CLIP channels), each assumption stated with its 
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from omgtool.errors import InvalidArgument
 from omgtool.formats.base import Checkpoint
-from omgtool.arch.mapping import ArchitectureMapping, FamilyMapping, KeyMatch, Registry, load_registry, match_keys
+from omgtool.arch.mapping import (ArchitectureMapping, FamilyMapping, KeyMatch, Registry, load_registry, match_keys,
+                                  split_peft)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Analysis:
     architecture: dict[str, Any]
     lora_pairs: list[LoraPair]
     notes: list[str] = field(default_factory=list)
+    stage_reason: str = ""  # why this stage: LoRA factors, PEFT's wrapper prefix, or neither
 
     @property
     def family_name(self) -> str:
@@ -115,15 +116,18 @@ def analyze(ckpt: Checkpoint, registry: Registry | None = None, family: str | No
     if any(m.role == "dora_magnitude" for m in matches.values()):
         notes.append("DoRA magnitude vectors present: this is DoRA, not plain LoRA (merge refused)")
 
-    stage = None
+    stage, stage_reason = None, ""
     if fam is not None:
         present = {m.component for m in matches.values()}
+        lora_run, why = lora_run_evidence(fam, matches, pairs)
         for spec in fam.stages:
-            if not (spec.when == "always" or (spec.when == "lora") == bool(pairs)):
+            if not (spec.when == "always" or (spec.when == "lora") == lora_run):
                 continue
             if set(spec.present) - present or set(spec.absent) & present:
                 continue
-            stage = spec.name
+            stage, stage_reason = spec.name, why
+            if lora_run and not pairs:
+                notes.append(f"stage {stage}: {why}")
             break
 
     architecture: dict[str, Any] = {"family": fam.name if fam else "unknown", "stage": stage}
@@ -147,7 +151,27 @@ def analyze(ckpt: Checkpoint, registry: Registry | None = None, family: str | No
                 info.update(DERIVATIONS[derivation](dims, arch, comp_matches, notes))
             architecture[comp.name] = info
         architecture["lora"] = lora_summary(ckpt, fam, pairs, alpha, notes) if pairs else None
-    return Analysis(fam, matches, unexplained, dict(groups), stage, architecture, pairs, notes)
+    return Analysis(fam, matches, unexplained, dict(groups), stage, architecture, pairs, notes, stage_reason)
+
+
+PEFT_WRAPPER = "base_model.model."
+
+
+def lora_run_evidence(family: FamilyMapping, matches: dict[str, KeyMatch], pairs: list[LoraPair]) -> tuple[bool, str]:
+    """(whether the file comes from a LoRA run, why). LoRA factors say so; so does PEFT's wrapper
+    prefix (`base_model.model.`, also under a component prefix: `llm.base_model.model.`) on the
+    keys without factors: a file saved from the PEFT-wrapped model, such as LLaVA's
+    non_lora_trainables.bin, is stage-2 output even though it holds no LoRA."""
+    if pairs:
+        return True, f"{len(pairs)} LoRA pairs"
+    prefixes = {c.name: sorted(c.prefixes, key=len, reverse=True) for c in family.components}
+    for key, m in matches.items():
+        prefix = next((p for p in prefixes.get(m.component, ())
+                       if key.startswith(p) and split_peft(key[len(p):])[0] == m.weight), None)
+        if prefix is not None and (prefix == PEFT_WRAPPER or prefix.endswith("." + PEFT_WRAPPER)):
+            return True, (f"no LoRA factors in this file, but its keys carry PEFT's wrapper prefix "
+                          f"`{prefix}` (e.g. {key}): saved from a PEFT-wrapped (LoRA) run")
+    return False, "no LoRA factors and no PEFT wrapper prefix on the keys"
 
 
 def lora_summary(ckpt: Checkpoint, fam: FamilyMapping, pairs: list[LoraPair], alpha_override,
@@ -186,11 +210,10 @@ ADAPTER_CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_m
 
 
 def lora_scaling(alpha: float, rank: int, ckpt: Checkpoint | None = None) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) when adapter_config.json sets use_rslora."""
-    cfg = ckpt.metadata.get("adapter_config") if ckpt is not None else None
-    if isinstance(cfg, dict) and cfg.get("use_rslora"):
-        return alpha / math.sqrt(rank)
-    return alpha / rank
+    """The checkpoint's LoRA scaling for `rank` (omgtool.kernels.lora says what it means)."""
+    from omgtool.kernels.lora import AdapterSettings, scaling
+
+    return scaling(alpha, rank, AdapterSettings.of(ckpt).use_rslora)
 
 
 def collect_dims(ckpt: Checkpoint, comp_matches: list[KeyMatch]) -> tuple[dict[str, int], list[str]]:

@@ -13,9 +13,7 @@ anchored regexes: no substring tests.
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,7 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from omgtool.arch import mapping_cache
 from omgtool.errors import InvalidArgument
+from omgtool.mappings_dir import mappings_dir  # noqa: F401  (re-exported)
 
 
 class _Strict(BaseModel):
@@ -36,7 +36,9 @@ class WeightSpec(_Strict):
     group: str
     dims: list[str] = Field(default_factory=list)  # meaning of each shape dim; "_" = don't care
     lora_target: bool = False
-    optional: bool = False
+    # what the weight is to the tools: "embedding" (token table) or "head" (output projection);
+    # exports and verify find these by role, never by name
+    role: Literal["embedding", "head"] | None = None
 
 
 class ArchitectureMapping(_Strict):
@@ -47,7 +49,13 @@ class ArchitectureMapping(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict)  # assumptions, each with a *_source
     derive: list[str] = Field(default_factory=list)  # named derivations in omgtool.arch.infer
     layer_count_key: str | None = None  # config.json key for the layer count
+    # how an HF config.json names this architecture (model_type, architectures)
+    model_types: list[str] = Field(default_factory=list)
+    hf_architectures: list[str] = Field(default_factory=list)
     weights: list[WeightSpec]
+
+    def weight_with_role(self, role: str) -> WeightSpec | None:
+        return next((w for w in self.weights if w.role == role), None)
 
     @model_validator(mode="after")
     def _check(self):
@@ -65,9 +73,11 @@ class ComponentSpec(_Strict):
     architecture: str
     prefixes: list[str]  # tried longest first
     required: bool = False
+    # the family's language model (what LoRA exports and verify work on)
+    language_model: bool = False
     # merge-lora: where this component's tensors go. "model": into the merged base model (its
     # weight names are the base's key names); a file name: carried there under the original
-    # key names. None: "model" for the component named "llm", else "projector.safetensors".
+    # key names. None: "model" for the language model, else "projector.safetensors".
     merge_into: str | None = None
     # merge-lora, for a component merged into the model: the prefix its weight names carry in
     # the base's key names (ColLlavaI's Qwen2 sits under "language_model."; "" = as is).
@@ -80,7 +90,7 @@ class ComponentSpec(_Strict):
     def merge_target(self) -> str:
         if self.merge_into is not None:
             return self.merge_into
-        return "model" if self.name == "llm" else "projector.safetensors"
+        return "model" if self.language_model else "projector.safetensors"
 
 
 class LoraSpec(_Strict):
@@ -105,12 +115,6 @@ class StageSpec(_Strict):
     description: str = ""
     present: list[str] = Field(default_factory=list)  # components that must have keys
     absent: list[str] = Field(default_factory=list)  # components that must have none
-
-
-class FileHint(_Strict):
-    """File or folder names that identify the family without looking at tensors."""
-
-    names: list[str] = Field(default_factory=list)  # glob patterns on the file/folder name
 
 
 class TokenSpec(_Strict):
@@ -167,12 +171,20 @@ class FamilyMapping(_Strict):
     components: list[ComponentSpec]
     lora: LoraSpec | None = None
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name="full", when="always")])
-    hints: FileHint = Field(default_factory=FileHint)
     tokens: TokensSpec | None = None
     qlora: QloraSpec | None = None
     # merge-lora: the output config.json is the base's, or the checkpoint folder's own
     # config.json when it has one (a LLaVA LoRA run keeps the LlavaConfig it was built with).
     merge_config: Literal["base", "checkpoint"] = "base"
+
+    @property
+    def language_models(self) -> list[ComponentSpec]:
+        return [c for c in self.components if c.language_model]
+
+    @property
+    def language_model(self) -> ComponentSpec | None:
+        """The language model component (the first, for a family with alternatives)."""
+        return next(iter(self.language_models), None)
 
 
 class RenameRule(_Strict):
@@ -245,7 +257,8 @@ class Registry:
         try:
             return self.families[name]
         except KeyError:
-            raise InvalidArgument(f"no family mapping named {name!r} in {self.root}") from None
+            raise InvalidArgument(f"no family mapping named {name!r} in {self.root}; families: "
+                                  f"{', '.join(sorted(self.families))}") from None
 
     def conversion(self, source: str, target: str) -> ConversionMapping:
         for conv in self.conversions.values():
@@ -260,28 +273,25 @@ class Registry:
             raise InvalidArgument(f"no keymap mapping named {name!r} in {self.root}") from None
 
 
-def mappings_dir() -> Path:
-    env = os.environ.get("OMGTOOL_MAPPINGS")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "mappings",
-                   Path(sys.prefix) / "share" / "omgtool" / "mappings"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise InvalidArgument("mappings folder not found (set OMGTOOL_MAPPINGS)")
-
-
 @lru_cache(maxsize=4)
 def load_registry(root: Path | None = None) -> Registry:
     root = root or mappings_dir()
     kinds = {"architecture": ArchitectureMapping, "family": FamilyMapping, "conversion": ConversionMapping,
              "keymap": KeyMapMapping}
     reg = Registry({}, {}, {}, root)
-    for path in sorted(root.glob("*.toml")):
+    files = [(path, path.read_bytes()) for path in sorted(root.glob("*.toml"))]
+    cached = mapping_cache.load(files, kinds)  # validated before, byte-identical: no schema build
+    loaded = []
+    for i, (path, raw) in enumerate(files):
         try:
-            data = tomllib.loads(path.read_text())
-            model = kinds[data.get("kind", "")]
-            mapping = model.model_validate(data)
+            if cached is not None:
+                mapping = cached[i]
+            else:
+                data = tomllib.loads(raw.decode("utf-8"))
+                mapping = kinds[data.get("kind", "")].model_validate(data)
+            loaded.append(mapping)
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{path}: invalid mapping: not UTF-8 text") from None
         except KeyError:
             raise InvalidArgument(f"{path}: 'kind' must be one of {sorted(kinds)}") from None
         except (tomllib.TOMLDecodeError, ValidationError) as exc:
@@ -292,6 +302,8 @@ def load_registry(root: Path | None = None) -> Registry:
         if mapping.name in table:
             raise InvalidArgument(f"{path}: duplicate mapping name {mapping.name!r}")
         table[mapping.name] = mapping
+    if cached is None:
+        mapping_cache.store(files, loaded)
     for fam in reg.families.values():
         for comp in fam.components:
             if comp.architecture not in reg.architectures:

@@ -1,7 +1,7 @@
 """QLoRA settings: how training held the base (the family mapping's [qlora]) plus --bnb-* overrides.
 
     plan = plan_qlora(family, stage, "nf4-dequant", {"blocksize": 128}, names)
-    plan.settings      # omgtool.kernels.nf4.QuantSettings
+    plan.settings      # omgtool.kernels.nf4_settings.QuantSettings
     plan.sources       # each setting -> where its value comes from
     plan.quantized     # the tensor names training held in 4-bit
 
@@ -29,7 +29,7 @@ IMPLEMENTATION = ("omgtool.kernels.nf4: plain-torch reimplementation of bitsandb
 @dataclass
 class QloraPlan:
     mode: str
-    settings: Any  # omgtool.kernels.nf4.QuantSettings
+    settings: Any  # omgtool.kernels.nf4_settings.QuantSettings
     sources: dict[str, str]
     quantized: list[str]
     skipped: list[str]
@@ -77,7 +77,7 @@ def plan_qlora(fam, stage: str | None, mode: str, overrides: dict[str, Any] | No
     checkpoint replaces with fully trained tensors, never quantized); None when the family
     records no QLoRA training, or it does not cover this stage, and mode is "original"."""
     from omgtool.arch.mapping import template_regex
-    from omgtool.kernels.nf4 import QuantSettings
+    from omgtool.kernels.nf4_settings import QuantSettings
 
     if mode not in MODES:
         raise InvalidArgument(f"--base-weights must be one of {', '.join(MODES)}, not {mode!r}")

@@ -6,22 +6,23 @@ command line and the human-readable rendering.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from omgtool.errors import OmgError
+from omgtool.cli.options import json_option
+from omgtool.cli.scan import allow_global_option, trusting_globals
 
 DEFAULT_SHOWN = 25
 NUMERIC = {"max_abs", "rel_l2", "cosine", "mismatched", "numel", "rows_a", "rows_b", "count", "first", "last"}
 
 
+@trusting_globals
 def cli(
     a: Path = typer.Argument(..., help="first checkpoint (file or folder) or manifest JSON"),
     b: Path = typer.Argument(..., help="second checkpoint (file or folder) or manifest JSON"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+    json_out: bool = json_option("print one JSON object instead of tables (errors as {\"error\", \"exit_code\"})"),
     shapes_only: bool = typer.Option(False, "--shapes-only", help="compare names, shapes and dtypes; "
                                      "read no tensor data"),
     atol: float = typer.Option(0.0, "--atol", help="absolute tolerance: |a-b| <= atol + rtol*|b| "
@@ -35,6 +36,7 @@ def cli(
     check_hash: bool = typer.Option(False, "--hash", help="also compare the checkpoint's sha256 "
                                     "with the one recorded in the manifest (inspect --manifest --hash)"),
     show: int = typer.Option(DEFAULT_SHOWN, "--show", min=1, help="rows shown per table (all with --json)"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Compare two checkpoints, or a checkpoint with a manifest: keys only in A or B, shape,
     dtype and value changes, rows added to embedding/output tables.
@@ -45,63 +47,22 @@ def cli(
     relative L2 ||a-b||/||a||, cosine. Against a manifest (inspect --manifest) only names, shapes
     and dtypes compare, a null dtype is not checked, and a checkpoint's extra keys that no mapping
     explains are listed as unexplained but do not fail (--strict makes them fail).
-
-    Exit codes: 0 no differences (within tolerance), 1 differences found, 2 unreadable input
-    or bad arguments, 3 unsafe pickle refused.
     """
+    from omgtool.cli.output import ProgressRenderer, emit_json
     from omgtool.ops.diff import Tolerance, diff_sides, open_side
-    from omgtool.cli.output import emit_json
 
     tol = Tolerance(atol=atol, rtol=rtol)
-    try:
-        side_a = open_side(a)
-        side_b = open_side(b)
-    except OmgError as exc:
-        if json_out:
-            emit_json({"a": str(a), "b": str(b), "error": exc.one_line(), "exit_code": exc.exit_code})
-        raise
-    progress_on = not json_out and sys.stderr.isatty()
-    with _Progress(progress_on) as bar:
+    side_a = open_side(a)
+    side_b = open_side(b)
+    with ProgressRenderer() as bar:
         report = diff_sides(side_a, side_b, normalize=not no_normalize, shapes_only=shapes_only, tol=tol,
-                            strict=strict, check_hash=check_hash, progress=bar.advance, on_total=bar.start)
+                            strict=strict, check_hash=check_hash, progress=bar)
     if json_out:
         emit_json(report)
     else:
         render(report, show)
     if report["differences"]:
         raise typer.Exit(1)
-
-
-class _Progress:
-    """A byte progress bar on stderr (only on a terminal, never with --json)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        self.task = None
-
-    def __enter__(self):
-        return self
-
-    def start(self, total: int) -> None:
-        if not self.enabled or total == 0:
-            return
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from omgtool.cli.output import err
-
-        self.bar = Progress(TextColumn("comparing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                            transient=True, console=err())
-        self.bar.start()
-        self.task = self.bar.add_task("diff", total=total)
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _fmt(v: Any) -> str:
@@ -120,9 +81,8 @@ def _cell(row: dict, key: str) -> str:
 
 def render(report: dict[str, Any], show: int = DEFAULT_SHOWN) -> None:
     from rich.markup import escape as esc
-    from rich.table import Table
 
-    from omgtool.cli.output import out
+    from omgtool.cli.output import out, print_table
 
     console = out()
     for label in ("a", "b"):
@@ -137,15 +97,10 @@ def render(report: dict[str, Any], show: int = DEFAULT_SHOWN) -> None:
               note: str = "") -> None:
         if not rows:
             return
-        t = Table(title=f"{title} ({len(rows)}){note}", title_justify="left")
-        for key, header in cols:
-            if key in NUMERIC:
-                t.add_column(header, justify="right")
-            else:
-                t.add_column(header, overflow="fold", ratio=3 if key in ("name", "pair") else 1)
-        for row in rows[:show]:
-            t.add_row(*(esc(_cell(row, key)) for key, _ in cols), style=style)
-        console.print(t)
+        print_table(console, f"{title} ({len(rows)}){note}", [header for _, header in cols],
+                    [[_cell(row, key) for key, _ in cols] for row in rows[:show]],
+                    right=[i for i, (key, _) in enumerate(cols) if key in NUMERIC],
+                    styles=[style] * min(len(rows), show))
         if len(rows) > show:
             console.print(f"  … {len(rows) - show} more (--show N, or --json)")
 

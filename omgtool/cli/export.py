@@ -6,24 +6,26 @@ module is the command line: options, a progress bar on stderr, the summary.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from omgtool.errors import InvalidArgument, OmgError
+from omgtool.cli.options import force_option, json_option, out_option
+from omgtool.cli.scan import allow_global_option, trusting_globals
+from omgtool.errors import InvalidArgument
 from omgtool.sizes import format_size
 
 TARGETS = ("llama", "peft", "safetensors")
 
 
+@trusting_globals
 def cli(
     src: Path = typer.Argument(..., help="llama: an InternLM2 HF folder (base or merge-lora output); "
                                "peft: a finetune checkpoint with LoRA; safetensors: any readable checkpoint"),
     to: str = typer.Option(..., "--to", help="llama | peft | safetensors"),
-    out: Path = typer.Option(..., "--out", help="output folder (llama, peft); for safetensors a "
-                             "FILE.safetensors or a folder"),
+    out: Path = out_option(..., help="output folder (llama, peft); for safetensors a FILE.safetensors "
+                           "(that file) or a folder"),
     base_llama: Optional[Path] = typer.Option(None, "--base-llama", help="peft: the base model already "
                                               "exported with --to llama (the adapter's base)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="llama/peft: cast tensors to fp32, fp16 or "
@@ -33,8 +35,12 @@ def cli(
     family: Optional[str] = typer.Option(None, "--family", help="peft: force a family mapping (e.g. omg-llava)"),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="llama/safetensors folder: "
                                        "largest shard (HF units: 5GB, 500MB, 2GiB)"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object (the export report)"),
+    force: bool = force_option(),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (every output tensor, its source and "
+                                 "transform; the files written) and write nothing"),
+    json_out: bool = json_option("print one JSON object (the plan with --dry-run, else the export report; "
+                                 "errors as {\"error\", \"exit_code\"})"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Export a checkpoint for the wider ecosystem.
 
@@ -52,67 +58,51 @@ def cli(
     --to safetensors: every tensor with identical names, shapes, dtypes and bytes; metadata
     records the source file name and sha256. Unsafe pickles are refused.
 
+    --dry-run prints the plan (reads headers only, imports no torch) and writes nothing.
     After writing, the output headers are re-read and compared with the plan.
-    Exit codes: 0 ok, 1 the written output does not match its plan, 2 unreadable input or bad
-    arguments, 3 unsafe pickle refused.
     """
+    from contextlib import nullcontext
+
+    from omgtool.cli.output import ProgressRenderer, emit_json, print_plan
+    from omgtool.formats.output_dir import reserve_output
     from omgtool.ops import export as lib
-    from omgtool.cli.output import emit_json
 
     target = to.strip().lower()
-    try:
-        if target not in TARGETS:
-            raise InvalidArgument(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
-        if target == "peft" and base_llama is None:
-            raise InvalidArgument("--to peft needs --base-llama DIR (the base exported with --to llama)")
-        if target != "peft" and (base_llama is not None or alpha is not None or family is not None):
-            raise InvalidArgument("--base-llama, --alpha and --family apply to --to peft only")
-        if target == "safetensors" and dtype is not None:
-            raise InvalidArgument("--to safetensors keeps every dtype; --dtype applies to llama and peft")
-        with _progress(enabled=not json_out and sys.stderr.isatty()) as progress:
-            if target == "llama":
-                report = lib.export_llama(src, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                                          progress=progress)
-            elif target == "peft":
-                report = lib.export_peft(src, base_llama, out, alpha=alpha, dtype=dtype, family=family,
-                                         force=force, progress=progress)
+    if target not in TARGETS:
+        raise InvalidArgument(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
+    if target == "peft" and base_llama is None:
+        raise InvalidArgument("--to peft needs --base-llama DIR (the base exported with --to llama)")
+    if target != "peft" and (base_llama is not None or alpha is not None or family is not None):
+        raise InvalidArgument("--base-llama, --alpha and --family apply to --to peft only")
+    if target == "safetensors" and dtype is not None:
+        raise InvalidArgument("--to safetensors keeps every dtype; --dtype applies to llama and peft")
+    single = target == "safetensors" and out.suffix == ".safetensors"
+    if target != "safetensors" and out.suffix == ".safetensors":
+        raise InvalidArgument(f"--to {target} writes a folder; --out {out} names a .safetensors file")
+    inputs = {"source": src, "base-llama": base_llama}
+    reserved = nullcontext() if dry_run else reserve_output(out, force, inputs=inputs, single_file=single)
+    with reserved:
+        if target == "llama":
+            plan = lib.plan_llama(src, out, dtype=dtype, max_shard_size=max_shard_size)
+        elif target == "peft":
+            plan = lib.plan_peft(src, base_llama, out, alpha=alpha, dtype=dtype, family=family)
+        else:
+            plan = lib.plan_safetensors(src, out, max_shard_size=max_shard_size)
+        if dry_run:
+            plan.close()
+            if json_out:
+                emit_json({"dry_run": True, **plan.as_dict()})
             else:
-                report = lib.export_safetensors(src, out, force=force, max_shard_size=max_shard_size,
-                                                progress=progress)
-    except OmgError as exc:
-        if json_out:
-            emit_json({"source": str(src), "to": to, "out": str(out), "error": exc.one_line(),
-                       "exit_code": exc.exit_code})
-        raise
+                print_plan(plan)
+            return
+        from omgtool.plan.execute import execute
+
+        with ProgressRenderer() as progress:
+            report = execute(plan, out, force=force, progress=progress)
     if json_out:
         emit_json(report)
     else:
         render(report)
-
-
-class _progress:
-    """A rich progress bar on stderr counting bytes written; a no-op callback when disabled."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda name, nbytes: None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        from omgtool.cli.output import err
-
-        self.bar = Progress(TextColumn("export"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            transient=True, console=err())
-        self.bar.__enter__()
-        task = self.bar.add_task("export", total=None)
-        return lambda name, nbytes: self.bar.advance(task, nbytes)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def render(report: dict[str, Any]) -> None:

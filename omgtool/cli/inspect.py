@@ -10,14 +10,18 @@ from typing import Any, Optional
 
 import typer
 
-from omgtool.errors import UnsafeInput
-from omgtool.ops.inspect import build_report, sha256_files, tensor_stats, update_strength, write_manifest
+from omgtool.cli.options import json_option
+from omgtool.cli.scan import allow_global_option, trusting_globals
+from omgtool.errors import InvalidArgument, UnsafeInput
+from omgtool.formats.hashing import sha256_files
+from omgtool.ops.inspect import build_report, tensor_stats, update_strength, write_manifest
 from omgtool.sizes import format_size
 
 
+@trusting_globals
 def cli(
     path: Path = typer.Argument(..., help="checkpoint file (.pth/.bin/.pt/.safetensors) or model folder"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+    json_out: bool = json_option("print one JSON object instead of tables (errors as {\"error\", \"exit_code\"})"),
     stats: bool = typer.Option(False, "--stats", help="read tensor data: per-tensor statistics, "
                                "and LoRA update strength per layer and module"),
     name_filter: Optional[str] = typer.Option(None, "--filter", help="only list tensors whose name "
@@ -26,22 +30,34 @@ def cli(
     family: Optional[str] = typer.Option(None, "--family", help="force a family mapping (e.g. omg-llava)"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="also write a shape manifest "
                                             "JSON (name, shape, dtype of every tensor) to this file"),
-    with_hash: bool = typer.Option(False, "--hash", help="record the source sha256 in the manifest"),
+    with_hash: bool = typer.Option(False, "--hash", help="record each source file's sha256 in the manifest"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --manifest file"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Show what a checkpoint holds: format, tensors, groups, inferred architecture, safety.
 
     Reads metadata only; pickles are walked against an allowlist, never executed.
-    Exit codes: 0 ok, 2 unreadable input, 3 unsafe pickle (refused).
+    An unknown or dangerous pickle is still reported (tensors from the opcode walk), then
+    exits 3. Exit codes: 0 ok, 2 unreadable input, 3 unsafe pickle.
     """
     from omgtool.cli.output import emit_json
 
-    try:
-        report, ckpt, analysis = build_report(path, alpha=alpha, family=family, name_filter=name_filter)
-    except UnsafeInput as exc:
+    if manifest is not None:  # before reading anything: never overwrite a pinned manifest or the input
+        from omgtool.formats.output_dir import check_not_overlapping, check_replaceable
+
+        check_not_overlapping(manifest, {"checkpoint": path}, option="--manifest")
+        if manifest.exists() and not force:
+            raise InvalidArgument(f"--manifest {manifest} already exists (use --force to overwrite it)")
+        if manifest.is_dir():
+            check_replaceable(manifest, force, single_file=True, option="--manifest")
+    report, ckpt, analysis = build_report(path, alpha=alpha, family=family, name_filter=name_filter,
+                                          refuse_unsafe=False)
+    if ckpt.safety.verdict in ("unknown", "dangerous"):
         if json_out:
-            emit_json({"path": str(path), "safety": {"verdict": "unsafe",
-                                                      "findings": [f.as_dict() for f in exc.findings]}})
-        raise
+            emit_json(report)
+        else:
+            render(report)
+        raise UnsafeInput(path, ckpt.safety.findings, ckpt.safety.verdict)
     if manifest is not None:
         digest = sha256_files(ckpt.files) if with_hash else None
         manifest_report = dict(report)
@@ -49,7 +65,7 @@ def cli(
             manifest_report["tensors"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
                                           for t in ckpt.tensors.values()]
         write_manifest(manifest_report, manifest, digest)
-        report["manifest"] = {"path": str(manifest), "sha256": digest}
+        report["manifest"] = {"path": str(manifest), "sha256": digest}  # {file name: sha256}
     if stats:
         names = [t["name"] for t in report["tensors"]]
         report["stats"] = _stats_with_progress(ckpt, names, show=not json_out)
@@ -61,19 +77,10 @@ def cli(
 
 
 def _stats_with_progress(ckpt, names: list[str], show: bool) -> dict[str, dict[str, Any]]:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from omgtool.cli.output import ProgressRenderer
 
-    total = sum(ckpt.tensors[n].nbytes for n in names)
-    with Progress(TextColumn("stats"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  transient=True, disable=not show, console=_stderr()) as bar:
-        task = bar.add_task("stats", total=total)
-        return tensor_stats(ckpt, names, advance=lambda n: bar.advance(task, n))
-
-
-def _stderr():
-    from omgtool.cli.output import err
-
-    return err()
+    with ProgressRenderer(None if show else False) as bar:
+        return tensor_stats(ckpt, names, progress=bar)
 
 
 def _count(n: int) -> str:
@@ -85,9 +92,8 @@ def _count(n: int) -> str:
 
 def render(report: dict[str, Any]) -> None:
     from rich.markup import escape as esc
-    from rich.table import Table
 
-    from omgtool.cli.output import out
+    from omgtool.cli.output import out, print_table
 
     console = out()
     arch = report["architecture"]
@@ -97,31 +103,29 @@ def render(report: dict[str, Any]) -> None:
                   f"{_count(report['num_params'])} params · {format_size(report['total_bytes'])} · dtypes "
                   + ", ".join(f"{k}×{v}" for k, v in sorted(report["dtypes"].items())))
     console.print(f"family [bold]{arch['family']}[/] · stage [bold]{arch['stage']}[/]"
-                  + (f" — {arch['description']}" if arch.get("description") else ""))
+                  + (f" — {esc(arch['description'])}" if arch.get("description") else ""))
 
-    groups = Table(title="groups", title_justify="left")
-    for col in ("group", "tensors", "params", "bytes", "what it is"):
-        groups.add_column(col, justify="right" if col in ("tensors", "params", "bytes") else "left")
-    for name, g in report["group_details"].items():
-        style = "red" if name == "unexplained" else None
-        groups.add_row(esc(name), str(g["count"]), _count(g["params"]), format_size(g["bytes"]), esc(g["description"]),
-                       style=style)
-    console.print(groups)
+    groups = report["group_details"]
+    print_table(console, "groups", ("group", "tensors", "params", "bytes", "what it is"),
+                [(name, g["count"], _count(g["params"]), format_size(g["bytes"]), g["description"])
+                 for name, g in groups.items()],
+                right=(1, 2, 3), styles=["red" if name == "unexplained" else None for name in groups])
 
-    table = Table(title="inferred architecture", title_justify="left", show_header=False)
-    table.add_column("part")
-    table.add_column("values")
+    rows, styles = [], []
     for part, values in arch.items():
         if part in ("family", "stage", "description"):
             continue
         if values is None:
-            table.add_row(part, "—")
+            rows.append((part, "—"))
+            styles.append(None)
             continue
-        shown = ", ".join(f"{k}={v}" for k, v in values.items() if not k.endswith("_source"))
-        sources = "; ".join(f"{k.removesuffix('_source')}: {v}" for k, v in values.items()
-                            if k.endswith("_source") and v)
-        table.add_row(part, esc(shown) + (f"\n[dim]{esc(sources)}[/]" if sources else ""))
-    console.print(table)
+        rows.append((part, ", ".join(f"{k}={v}" for k, v in values.items() if not k.endswith("_source"))))
+        styles.append(None)
+        for k, v in values.items():
+            if k.endswith("_source") and v:
+                rows.append(("", f"{k.removesuffix('_source')}: {v}"))
+                styles.append("dim")
+    print_table(console, "inferred architecture", ("part", "values"), rows, styles=styles)
 
     if report["unexplained"]:
         console.print(f"[red]unexplained keys ({len(report['unexplained'])})[/], carried through "
@@ -134,9 +138,14 @@ def render(report: dict[str, Any]) -> None:
         console.print(f"[yellow]note:[/] {esc(note)}")
     safety = report["safety"]
     verdict = {"safe": "[green]safe[/]: only allowlisted globals",
-               "not-a-pickle": "[green]safe[/]: no pickle (safetensors)"}.get(safety["verdict"],
-                                                                              safety["verdict"])
+               "not-a-pickle": "[green]safe[/]: no pickle (safetensors)",
+               "unknown": "[yellow]unknown[/]: globals outside the allowlist (loading runs them)",
+               "dangerous": "[red]dangerous[/]: loading would run code"}.get(safety["verdict"],
+                                                                          esc(safety["verdict"]))
     console.print(f"safety {verdict}" + (f" ({esc(', '.join(safety['globals']))})" if safety["globals"] else ""))
+    for f in safety["findings"][:20]:
+        console.print(f"  {f['grade']:9} {esc(f['global'])} ({f['opcode']} {esc(f['member'])}@{f['offset']}): "
+                      f"{esc(f['why'])}")
     if report.get("filter"):
         _render_tensors(console, report)
     if "stats" in report:
@@ -144,60 +153,43 @@ def render(report: dict[str, Any]) -> None:
     if report.get("update_strength"):
         _render_heatmap(console, report["update_strength"])
     if report.get("manifest"):
-        console.print(f"manifest written to {report['manifest']['path']}")
-
-
-def _esc(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+        console.print(f"manifest written to {esc(report['manifest']['path'])}")
 
 
 def _render_tensors(console, report) -> None:
-    from rich.table import Table
+    from omgtool.cli.output import print_table
 
-    table = Table(title=f"tensors matching {report['filter']}", title_justify="left")
-    for col in ("name", "shape", "dtype", "group"):
-        table.add_column(col)
-    for t in report["tensors"]:
-        table.add_row(*(_esc(x) for x in (t["name"], str(t["shape"]), t["dtype"], t["group"])))
-    console.print(table)
+    print_table(console, f"tensors matching {report['filter']}", ("name", "shape", "dtype", "group"),
+                [(t["name"], str(t["shape"]), t["dtype"], t["group"]) for t in report["tensors"]])
 
 
 def _render_stats(console, report) -> None:
-    from rich.table import Table
+    from omgtool.cli.output import print_table
 
-    table = Table(title="tensor statistics", title_justify="left")
-    for col in ("name", "min", "max", "mean", "std", "nan", "inf", "zeros"):
-        table.add_column(col, justify="left" if col == "name" else "right")
     fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+    rows, styles = [], []
     for name, s in report["stats"].items():
-        bad = s["nan"] or s["inf"]
-        table.add_row(_esc(name), fmt(s["min"]), fmt(s["max"]), fmt(s["mean"]), fmt(s["std"]),
-                      str(s["nan"]), str(s["inf"]), str(s["zeros"]), style="red" if bad else None)
-    console.print(table)
+        rows.append((name, fmt(s["min"]), fmt(s["max"]), fmt(s["mean"]), fmt(s["std"]), s["nan"], s["inf"],
+                     s["zeros"]))
+        styles.append("red" if s["nan"] or s["inf"] else None)
+    print_table(console, "tensor statistics", ("name", "min", "max", "mean", "std", "nan", "inf", "zeros"), rows,
+                right=range(1, 8), styles=styles)
 
 
 def _render_heatmap(console, rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
+    from omgtool.cli.output import print_table
 
     modules = list(dict.fromkeys(r["module"] for r in rows))
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     cell = {(r["layer"], r["module"]): r["delta_fro"] for r in rows}
     top = max(cell.values()) or 1.0
     palette = ["grey23", "blue", "cyan", "green", "yellow", "dark_orange", "red"]
-    table = Table(title="LoRA update strength ||(alpha/r)·B@A||_F (layer × module)", title_justify="left")
-    table.add_column("layer", justify="right")
-    for m in modules:
-        table.add_column(m, justify="right")
+    table, colors = [], []
     for layer in layers:
-        cells = []
-        for m in modules:
-            v = cell.get((layer, m))
-            if v is None:
-                cells.append("")
-                continue
-            color = palette[min(int(v / top * (len(palette) - 1) + 0.5), len(palette) - 1)]
-            cells.append(f"[on {color}] {v:9.3g} [/]")
-        table.add_row("—" if layer is None else str(layer), *cells)
-    console.print(table)
+        values = [cell.get((layer, m)) for m in modules]
+        table.append(["—" if layer is None else str(layer)] + ["" if v is None else f"{v:.4g}" for v in values])
+        colors.append([None] + [None if v is None else
+                                f"on {palette[min(int(v / top * (len(palette) - 1) + 0.5), len(palette) - 1)]}"
+                                for v in values])
+    print_table(console, "LoRA update strength ||scale·B@A||_F (layer × module)", ["layer", *modules], table,
+                right=range(len(modules) + 1), cell_styles=colors)

@@ -1,20 +1,22 @@
 """`omgtool merge-lora CHECKPOINT --base BASE --out DIR`.
 
-The library is `omgtool.ops.merge` (plan_merge, MergePlan.describe, run_merge); this module is
+The library is `omgtool.ops.merge` (plan_merge -> Plan, Plan.describe, run_merge); this module is
 the command line: options, a progress bar on stderr, the summary.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from omgtool.errors import InvalidArgument, OmgError
+from omgtool.cli.options import force_option, json_option, out_option
+from omgtool.cli.scan import allow_global_option, trusting_globals
+from omgtool.errors import InvalidArgument
 
 
+@trusting_globals
 def cli(
     checkpoint: Path = typer.Argument(..., help="finetune or pretrain checkpoint (.pth, .safetensors, "
                                       "DeepSpeed or PEFT adapter folder)"),
@@ -22,7 +24,7 @@ def cli(
                                        "internlm2-chat-7b or internlm/internlm2-chat-7b (looked up in the "
                                        "current directory, beside the checkpoint, then the local HuggingFace "
                                        "cache; never downloaded)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder (refused if it exists, unless --force)"),
+    out: Optional[Path] = out_option(None, help="output folder (refused if it exists, unless --force)"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default: the family mapping's, "
                                           "256 for OMG-LLaVA, or adapter_config.json's)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype bf16, fp16 or fp32 (default: the "
@@ -32,12 +34,12 @@ def cli(
                                        "200MB, 200KB, 2GiB)"),
     device: str = typer.Option("auto", "--device", help="where the LoRA matmuls run: auto (cuda when "
                                "available), cpu, cuda or cuda:N"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (merged, resized, replaced, copied) "
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (merged, replaced, copied) "
                                  "and write nothing"),
     hash_base: bool = typer.Option(True, "--hash-base/--no-hash-base", help="record the base shards' sha256 "
                                    "(hashed on a background thread while merging); --no-hash-base records "
                                    "their sizes only"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
+    force: bool = force_option(),
     base_weights: str = typer.Option("original", "--base-weights", help="original: LoRA into the original "
                                      "weights (the standard merge); nf4-dequant: into each weight's bitsandbytes "
                                      "4-bit round trip, the weights a QLoRA training multiplied by (settings from "
@@ -56,8 +58,9 @@ def cli(
     quant_stats: bool = typer.Option(True, "--quant-stats/--no-quant-stats", help="measure the 4-bit round "
                                      "trip's error per weight (||q||/||W||, ||q||/||delta||) where the family "
                                      "records QLoRA training, also with --base-weights original"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object (the plan with --dry-run, "
-                                  "else the merge report)"),
+    json_out: bool = json_option("print one JSON object (the plan with --dry-run, else the merge report; "
+                                 "errors as {\"error\", \"exit_code\"})"),
+    allow_global: list[str] = allow_global_option(),
 ) -> None:
     """Merge a checkpoint's LoRA into its base model and write a complete model folder.
 
@@ -78,55 +81,40 @@ def cli(
     (hidden size, layer count, LoRA rank, a target the base lacks) stops with exit 2 naming
     the tensor. Tensors stream one at a time into a temporary sibling folder that is renamed
     at the end; a failure or Ctrl-C leaves nothing behind.
-
-    Exit codes: 0 merged (or planned, with --dry-run); 1 the written output does not match its
-    plan; 2 unreadable input, bad arguments, or base and checkpoint do not match; 3 unsafe
-    pickle refused; 130 interrupted.
     """
-    from omgtool.cli.output import emit_json
+    import contextlib
+
+    from omgtool.cli.output import ProgressRenderer, emit_json, print_plan
+    from omgtool.formats.output_dir import check_not_overlapping, reserve_output
     from omgtool.ops.merge import plan_merge, run_merge
 
-    try:
-        if out is None and not dry_run:
-            raise InvalidArgument("--out is required (or use --dry-run)")
-        if out is not None and not dry_run and out.exists() and not force:
-            raise InvalidArgument(f"{out} already exists (use --force to replace it)")
+    if out is None and not dry_run:
+        raise InvalidArgument("--out is required (or use --dry-run)")
+    writing = out is not None and not dry_run
+    with contextlib.ExitStack() as stack:
+        if writing:  # before any planning: refused --out, a second writer, leftovers of a killed run
+            stack.enter_context(reserve_output(out, force, inputs={"checkpoint": checkpoint}))
         bnb = {"quant_type": bnb_quant_type, "blocksize": bnb_blocksize, "double_quant": bnb_double_quant,
                "load_dtype": bnb_load_dtype, "compute_dtype": bnb_compute_dtype}
         plan = plan_merge(checkpoint, base, alpha=alpha, dtype=dtype, family=family,
                           max_shard_size=max_shard_size, device=device, base_weights=base_weights, bnb=bnb,
                           quant_stats=quant_stats)
+        stack.callback(plan.close)
         if dry_run:
-            plan.close()
             if json_out:
                 emit_json({"dry_run": True, **plan.as_dict()})
             else:
-                _print_plan(plan)
+                print_plan(plan)
             return
+        check_not_overlapping(out, {"checkpoint": checkpoint, "base": plan.facts["base"]["path"]})
         if not json_out:
             _print_header(plan)
-        with _progress(plan, enabled=not json_out and sys.stderr.isatty()) as progress:
+        with ProgressRenderer() as progress:
             report = run_merge(plan, out, force=force, progress=progress, hash_base=hash_base)
-    except OmgError as exc:
-        if json_out:
-            emit_json({"checkpoint": str(checkpoint), "base": base, "out": str(out) if out else None,
-                       "error": exc.one_line(), "exit_code": exc.exit_code})
-        raise
     if json_out:
         emit_json(report)
     else:
         render(report)
-
-
-def _print_plan(plan) -> None:
-    from rich.markup import escape
-
-    from omgtool.cli.output import out
-
-    console = out()
-    for line in plan.describe().splitlines():
-        console.print(escape(line))
-    console.print("[dim]dry run: nothing written[/]")
 
 
 def _print_header(plan) -> None:
@@ -136,50 +124,16 @@ def _print_header(plan) -> None:
     from omgtool.cli.output import err
 
     console = err()
-    lora = plan.lora_summary()
-    console.print(escape(f"merge-lora: {plan.checkpoint.name} into {plan.base.path} "
-                         f"({plan.base.how}); family {plan.family}, stage {plan.stage}"))
-    if lora:
-        console.print(escape(f"merge-lora: alpha {plan.alpha:g} ({plan.alpha_source}); rank {lora['rank']}, "
-                             f"scale {lora['scale']:g}; matmuls on {plan.device}"))
-    if plan.qlora is not None:
-        for line in plan.qlora.describe_lines(plan.main_dtype):
+    f = plan.facts
+    console.print(escape(f"merge-lora: {Path(f['checkpoint']).name} into {f['base']['path']} "
+                         f"({f['base']['resolved_by']}); family {f['family']}, stage {f['stage']}"))
+    if f["lora"]:
+        console.print(escape(f"merge-lora: alpha {f['alpha']:g} ({f['alpha_source']}); rank {f['lora']['rank']}, "
+                             f"scale {f['lora']['scale']:g}; matmuls on {f['device']}"))
+    qlora = plan.context.get("qlora")
+    if qlora is not None:  # --base-weights, each 4-bit setting and its source, the --dtype suggestion
+        for line in qlora.describe_lines(f["dtype"]):
             console.print(escape("merge-lora: " + line.strip()))
-
-
-class _progress:
-    """Rich progress on stderr: tensors done, GB written, ETA. A no-op callback when disabled."""
-
-    def __init__(self, plan, enabled: bool):
-        self.plan = plan
-        self.enabled = enabled
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda name, nbytes: None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, \
-            TimeElapsedColumn, TimeRemainingColumn
-
-        from omgtool.cli.output import err
-
-        self.bar = Progress(TextColumn("merge-lora"), BarColumn(), TextColumn("{task.fields[tensors]}"),
-                            DownloadColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            transient=True, console=err())
-        self.bar.__enter__()
-        total = len(self.plan.items)
-        task = self.bar.add_task("merge", total=self.plan.total_bytes, tensors=f"0/{total} tensors")
-        done = [0]
-
-        def update(name: str, nbytes: int) -> None:
-            done[0] += 1
-            self.bar.update(task, advance=nbytes, tensors=f"{done[0]}/{total} tensors")
-
-        return update
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def render(report: dict[str, Any]) -> None:
@@ -194,7 +148,7 @@ def render(report: dict[str, Any]) -> None:
     outputs = report.get("outputs", {})
     weights = [k for k in outputs if k.endswith(".safetensors")]
     total = sum(outputs[k]["bytes"] for k in weights)
-    console.print(f"[bold]{esc(report['out'])}[/]: {c['merged']} merged, {c['resized']} resized, "
+    console.print(f"[bold]{esc(report['out'])}[/]: {c['merged']} merged, "
                   f"{c['replaced']} replaced, {c['copied']} copied"
                   + (f", {c['converted']} converted" if c["converted"] else "")
                   + f"; {format_size(total)} in {len(weights)} safetensors files, dtype {report['dtype']}, "

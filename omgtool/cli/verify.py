@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import typer
 
+
+from omgtool.cli.options import json_option
 from omgtool.errors import CheckFailed
 from omgtool.sizes import format_size
 
@@ -43,27 +45,27 @@ def cli(
     reference: str = typer.Option("default", "--reference", help="default: base + unmerged LoRA; nf4: the QLoRA "
                                   "training forward (NF4 round-trip base + unmerged LoRA): judges a merge-lora "
                                   "--base-weights nf4-dequant folder, and reports how far a standard merge is from it"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON report to stdout"),
+    json_out: bool = json_option("print one JSON report to stdout (errors as {\"error\", \"exit_code\"})"),
 ) -> None:
     """Rebuild the full OMG-LLaVA model and check it computes: LLM forward, merged vs base + unmerged
     LoRA (with --adapter), image -> trunk -> pixel shuffle -> projector -> LLM, and [SEG] -> text2vision.
-
-    Exit codes: 0 all checks passed (skipped ones named); 1 a check failed; 2 unreadable input or bad
-    arguments; 3 unsafe pickle refused.
     """
-    from omgtool.cli.output import emit_json, err
-    from omgtool.verify.run import VerifyOptions, parse_max_memory, run_verify
+    from contextlib import nullcontext
 
-    progress = None
-    if not json_out:
-        console = err()
-        progress = lambda msg: console.print(f"[dim]verify: {msg}[/]")  # noqa: E731
+    from omgtool.cli.output import ProgressRenderer, emit_json, state
+    from omgtool.progress import NULL_PROGRESS
+    from omgtool.verify.placement import parse_max_memory
+    from omgtool.verify.run import VerifyOptions, run_verify
+
+    progress = NULL_PROGRESS if json_out or state.quiet else ProgressRenderer()
     opts = VerifyOptions(folder=folder, adapter=adapter, base=base, alpha=alpha, image=image,
                          vision_weights=vision_weights, projector=projector, device=device,
                          device_map=device_map, max_memory=parse_max_memory(max_memory),
                          offload_folder=offload_folder, precision=precision.lower(), num_queries=queries,
-                         tolerance_factor=tolerance, reference=reference.lower(), progress=progress)
-    report = run_verify(opts)
+                         tolerance_factor=tolerance, reference=reference.lower(),
+                         progress=progress)
+    with progress if isinstance(progress, ProgressRenderer) else nullcontext():
+        report = run_verify(opts)
     if json_out:
         emit_json(report)
     else:
@@ -81,22 +83,19 @@ def _fmt(v: Any) -> str:
 
 def render(report: dict[str, Any]) -> None:
     from rich.markup import escape as esc
-    from rich.table import Table
 
-    from omgtool.cli.output import out
+    from omgtool.cli.output import out, print_table
 
     console = out()
     prec = report["precision"]
     console.print(f"[bold]{esc(report['folder'])}[/] · {report['layout']} · {esc(report['device'])} · "
                   f"{esc(report['placement'])} · compute {prec['compute']} ({esc(prec['why'])}) · stored "
                   f"{prec['stored']}")
-    table = Table(title="checks", title_justify="left")
-    for col in ("check", "status", "numbers"):
-        table.add_column(col)
     colors = {"pass": "green", "fail": "red", "skipped": "yellow", "info": "cyan"}
-    for name, c in report["checks"].items():
-        table.add_row(name, f"[{colors.get(c['status'], 'white')}]{c['status']}[/]", esc(_summary(name, c)))
-    console.print(table)
+    checks = report["checks"]
+    print_table(console, "checks", ("check", "status", "numbers"),
+                [(name, c["status"], _summary(name, c)) for name, c in checks.items()],
+                cell_styles=[(None, colors.get(c["status"]), None) for c in checks.values()])
     t = report["timings_s"]
     console.print("timings " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
     m = report["memory"]

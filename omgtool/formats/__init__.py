@@ -27,6 +27,24 @@ DEEPSPEED_FILE = "mp_rank_00_model_states.pt"
 
 
 def open_file(path: Path) -> Checkpoint:
+    """Scan every pickle stream first (formats/scan.py), then read with the right reader."""
+    from omgtool.formats.scan import current_policy, scan_file
+
+    scanned = scan_file(path)
+    if scanned.unsafe and current_policy().refuse:
+        raise scanned.error()
+    try:
+        ckpt = _read_file(path)
+    except UnreadableInput:
+        if not scanned.unsafe:
+            raise
+        ckpt = Checkpoint(path=path, format=scanned.kind, tensors={}, files=[path])
+    if scanned.verdict != "not-a-pickle" or ckpt.safety.verdict != "not-a-pickle":
+        ckpt.safety = scanned.report()
+    return ckpt
+
+
+def _read_file(path: Path) -> Checkpoint:
     from omgtool.formats.safetensors_file import read_safetensors
     from omgtool.formats.torch_file import is_zip, read_torch_legacy, read_torch_zip
 
@@ -52,14 +70,21 @@ def open_file(path: Path) -> Checkpoint:
         raise UnreadableInput(exc.strerror or str(exc), path) from None
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint file or folder. Reads metadata only; no pickle code runs."""
+def open_checkpoint(path: str | Path, allow_globals=None, refuse_unsafe: bool | None = None) -> Checkpoint:
+    """Open a checkpoint file or folder. Reads metadata only; no pickle code runs.
+
+    allow_globals: `module.name` globals graded unknown that the caller trusts; refuse_unsafe:
+    raise UnsafeInput for an unknown/dangerous pickle (default), or return it with the
+    tensors listed from the opcode walk. Both default to the current `scan_policy`."""
+    from omgtool.formats.scan import scan_policy
+
     path = Path(path)
     if not path.exists():
         raise UnreadableInput("no such file or folder", path)
-    if path.is_dir():
-        return _open_folder(path)
-    return open_file(path)
+    with scan_policy(allow_globals, refuse_unsafe):
+        if path.is_dir():
+            return _open_folder(path)
+        return open_file(path)
 
 
 def _open_folder(path: Path) -> Checkpoint:
@@ -98,11 +123,9 @@ def _add_tensors(ckpt: Checkpoint, extra: Checkpoint, folder: Path) -> None:
         raise UnreadableInput(f"{extra.path.name} holds tensors the adapter also holds: {', '.join(clash[:3])}",
                               folder)
     ckpt.tensors = {**ckpt.tensors, **extra.tensors}
-    if extra.safety.verdict != "not-a-pickle":
-        ckpt.safety.findings.extend(extra.safety.findings)
-        unsafe = "unsafe" in (ckpt.safety.verdict, extra.safety.verdict)
-        ckpt.safety.verdict = "unsafe" if unsafe else "safe"
-        ckpt.safety.globals_seen = sorted(set(ckpt.safety.globals_seen) | set(extra.safety.globals_seen))
+    from omgtool.formats.scan import merge_safety
+
+    merge_safety(ckpt.safety, extra.safety)
     if extra.metadata:
         ckpt.metadata = {**ckpt.metadata, extra.path.name: extra.metadata}
 
@@ -156,10 +179,10 @@ def _open_sharded(folder: Path, index_path: Path) -> Checkpoint:
         if info is None:
             raise UnreadableInput(f"{name} is mapped to {shard} but that shard does not hold it", folder)
         tensors[name] = info
+    from omgtool.formats.scan import merge_safety
+
     for ckpt in shards.values():
-        if ckpt.safety.verdict != "not-a-pickle":
-            safety.verdict = "safe"
-            safety.globals_seen = sorted(set(safety.globals_seen) | set(ckpt.safety.globals_seen))
+        merge_safety(safety, ckpt.safety)
     inner = next(iter(shards.values())).format if shards else "safetensors"
     return Checkpoint(path=folder, format=f"hf-folder ({inner}, {len(shards)} shards)", tensors=tensors,
                       safety=safety, metadata=_folder_configs(folder), files=[folder / s for s in shards])

@@ -58,7 +58,7 @@ class TensorInfo:
 
 @dataclass
 class SafetyReport:
-    verdict: str = "safe"  # "safe" | "unsafe" | "not-a-pickle"
+    verdict: str = "safe"  # "safe" | "unknown" | "dangerous" (worst finding grade) | "not-a-pickle"
     findings: list[Finding] = field(default_factory=list)
     globals_seen: list[str] = field(default_factory=list)
 

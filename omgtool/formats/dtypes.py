@@ -34,6 +34,12 @@ TORCH_DTYPE_NAMES = {
 USER_DTYPES = {"fp32": "F32", "float32": "F32", "f32": "F32", "fp16": "F16", "float16": "F16",
                "f16": "F16", "half": "F16", "bf16": "BF16", "bfloat16": "BF16"}
 
+# canonical -> (numpy dtype string, numpy values per element): how to decode raw bytes without
+# torch (complex: (re, im) pairs); BF16 and float8 have no numpy dtype
+NUMPY_LAYOUT = {"F64": ("<f8", 1), "F32": ("<f4", 1), "F16": ("<f2", 1), "I64": ("<i8", 1),
+                "I32": ("<i4", 1), "I16": ("<i2", 1), "I8": ("i1", 1), "U64": ("<u8", 1), "U32": ("<u4", 1),
+                "U16": ("<u2", 1), "U8": ("u1", 1), "BOOL": ("?", 1), "C64": ("<f4", 2), "C128": ("<f8", 2)}
+
 HF_CONFIG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 

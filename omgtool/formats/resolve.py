@@ -85,7 +85,8 @@ def resolve_base(text: str | Path, checkpoint: str | Path | None = None, *, cwd:
     hint = ""
     if is_name:
         repo = name if len(parts) == 2 else f"<org>/{parts[-1]}"
-        hint = f"; download it first (e.g. `huggingface-cli download {repo}`) or pass the folder"
+        hint = (f"; download it first (e.g. `hf download {repo} --local-dir {repo.rsplit('/', 1)[-1]}`) "
+                "or pass the folder")
     raise InvalidArgument(f"--base {requested}: no model folder found; looked at "
                           f"{', '.join(dict.fromkeys(looked))}{hint}")
 

@@ -15,14 +15,16 @@ additional_special_tokens), `special_tokens_map.json` (additional_special_tokens
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omgtool.errors import MismatchError, UnreadableInput
 from omgtool.formats.jsonfile import read_json_object
-from omgtool.arch.mapping import TokensSpec
+from omgtool.formats.writer import write_json
+
+if TYPE_CHECKING:  # the family mapping's [tokens] table; formats import nothing from arch at run time
+    from omgtool.arch.mapping import TokensSpec
 
 #: Files this module rewrites when tokens are registered (the rest of the base is carried).
 WRITTEN_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
@@ -188,15 +190,15 @@ def write_tokenizer_files(plan: TokenPlan, dst: Path) -> list[str]:
     cfg["additional_special_tokens"] = _extend(cfg.get("additional_special_tokens"), names)
     if isinstance(cfg.get("extra_special_tokens"), list):
         cfg["extra_special_tokens"] = _extend(cfg["extra_special_tokens"], names)
-    _write(dst / "tokenizer_config.json", cfg)
+    write_json(dst / "tokenizer_config.json", cfg)
 
     smap = read_json_object(src / "special_tokens_map.json", missing_ok=True)
     smap["additional_special_tokens"] = _extend(smap.get("additional_special_tokens"), names)
-    _write(dst / "special_tokens_map.json", smap)
+    write_json(dst / "special_tokens_map.json", smap)
 
     added = read_json_object(src / "added_tokens.json", missing_ok=True)
     added.update({t.content: t.id for t in plan.tokens})
-    _write(dst / "added_tokens.json", dict(sorted(added.items(), key=lambda kv: kv[1])))
+    write_json(dst / "added_tokens.json", dict(sorted(added.items(), key=lambda kv: kv[1])))
 
     written = ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
     if (src / "tokenizer.json").is_file():
@@ -205,7 +207,7 @@ def write_tokenizer_files(plan: TokenPlan, dst: Path) -> list[str]:
         for t in plan.tokens:
             entries.append({"id": t.id, **{k: v for k, v in _entry(t.content).items()}})
         tj["added_tokens"] = sorted(entries, key=lambda e: int(e["id"]))
-        _write(dst / "tokenizer.json", tj)
+        write_json(dst / "tokenizer.json", tj)
         _check_fast(dst / "tokenizer.json", plan)
         written.append("tokenizer.json")
     return written
@@ -220,10 +222,6 @@ def _extend(existing, names: list[str]) -> list:
         if n not in have:
             items.append({k: v for k, v in _entry(n).items() if k != "special"} if as_dict else n)
     return items
-
-
-def _write(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _check_fast(path: Path, plan: TokenPlan) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import io
 import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
-from omgtool.errors import UnreadableInput, UnsafeInput
+from omgtool.errors import UnreadableInput
 from omgtool.formats.base import Checkpoint, SafetyReport, TensorInfo, check_extents
 from omgtool.formats.dtypes import ITEMSIZE
 from omgtool.formats.pickle_walker import MalformedPickle, StorageRef, TensorRef, WalkResult, walk
@@ -16,7 +15,6 @@ from omgtool.formats.pickle_walker import MalformedPickle, StorageRef, TensorRef
 MAX_PICKLE_BYTES = 1 << 30
 WRAPPER_KEYS = ("state_dict", "module", "model")
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # 30 bytes
 
 
 def is_zip(path: Path) -> bool:
@@ -25,67 +23,52 @@ def is_zip(path: Path) -> bool:
 
 
 def read_torch_zip(path: Path) -> Checkpoint:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UnreadableInput(f"corrupt zip archive ({exc})", path) from None
-    with zf:
-        infos = zf.infolist()
-        pkl_members = [i for i in infos if i.filename.endswith(".pkl")]
-        data_pkl = [i for i in pkl_members if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-        if not data_pkl:
-            raise UnreadableInput("zip archive has no data.pkl (not a torch checkpoint)", path)
-        main = data_pkl[0]
-        prefix = main.filename[: -len("data.pkl")]
-        byteorder = prefix + "byteorder"
-        if byteorder in zf.namelist() and zf.read(byteorder).strip() != b"little":
-            raise UnreadableInput("big-endian checkpoints are not supported", path)
+    """Read the archive as torch's PyTorchFileReader does (zip_reader). Safety is decided by
+    formats/scan.py before this runs; here the main pickle is walked for its tensors only."""
+    import mmap
 
-        safety = SafetyReport()
-        walked: WalkResult | None = None
-        # Every pickle-looking member is scanned, not only the one torch loads.
-        for member in pkl_members:
-            if member.file_size > MAX_PICKLE_BYTES:
-                raise UnreadableInput(f"{member.filename} is implausibly large", path)
-            raw = _read_member(zf, member, path)
-            result = _walk(raw, member.filename, path)
-            _merge_safety(safety, result)
-            if member is main:
-                walked = result
-        if safety.findings:
-            raise UnsafeInput(path, safety.findings)
+    from omgtool.formats.zip_reader import ZipError, read_zip
 
-        members = {i.filename: i for i in infos}
-        with open(path, "rb") as fh:
-            def locate(ref: StorageRef) -> tuple[int, str]:
-                name = f"{prefix}data/{ref.key}"
-                info = members.get(name)
-                if info is None:
-                    raise UnreadableInput(f"storage member {name} is missing", path)
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise UnreadableInput(f"storage member {name} is compressed", path)
-                expected = ref.numel * ITEMSIZE[ref.dtype]
-                if info.file_size != expected:
-                    raise UnreadableInput(
-                        f"storage member {name} holds {info.file_size} bytes, its tensor metadata "
-                        f"says {expected}", path)
-                fh.seek(info.header_offset)
-                header = fh.read(_LOCAL_HEADER.size)
-                if len(header) != _LOCAL_HEADER.size:
-                    raise UnreadableInput(f"truncated local header of {name}", path)
-                fields = _LOCAL_HEADER.unpack(header)
-                if fields[0] != b"PK\x03\x04":
-                    raise UnreadableInput(f"bad local header of {name}", path)
-                return info.header_offset + 30 + fields[9] + fields[10], name
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            archive = read_zip(data)
+            prefix = archive.prefix
+            main = archive.locate(prefix + "data.pkl")
+            if main is None:
+                raise UnreadableInput("zip archive has no data.pkl (not a torch checkpoint)", path)
+            byteorder = archive.locate(prefix + "byteorder")
+            if byteorder is not None and archive.read(byteorder, 64).strip() != b"little":
+                raise UnreadableInput("big-endian checkpoints are not supported", path)
+            walked = _walk(archive.read(main, MAX_PICKLE_BYTES), main.name, path)
+        except ZipError as exc:
+            raise UnreadableInput(f"corrupt zip archive ({exc})", path) from None
+        safety = SafetyReport(globals_seen=sorted(walked.globals_seen))
 
-            tensors, container, meta = _collect(walked.value, locate, path)
-        size = path.stat().st_size
-        for t in tensors.values():
-            if t.data_offset + t.storage_numel * ITEMSIZE[t.dtype] > size:
-                raise UnreadableInput(f"file is truncated: tensor {t.name} lies past its end", path)
-        check_extents(path, tensors)
-        return Checkpoint(path=path, format="torch-zip", tensors=tensors, safety=safety,
-                          container=container, metadata=meta, files=[path])
+        def locate(ref: StorageRef) -> tuple[int, str]:
+            name = f"{prefix}data/{ref.key}"
+            info = archive.locate(name)
+            if info is None:
+                raise UnreadableInput(f"storage member {name} is missing", path)
+            if not info.is_stored:
+                raise UnreadableInput(f"storage member {name} is compressed", path)
+            expected = ref.numel * ITEMSIZE[ref.dtype]
+            if info.size != expected:
+                raise UnreadableInput(
+                    f"storage member {name} holds {info.size} bytes, its tensor metadata "
+                    f"says {expected}", path)
+            try:
+                return archive.data_offset(info), name
+            except ZipError as exc:
+                raise UnreadableInput(str(exc), path) from None
+
+        tensors, container, meta = _collect(walked.value, locate, path)
+        size = len(data)
+    for t in tensors.values():
+        if t.data_offset + t.storage_numel * ITEMSIZE[t.dtype] > size:
+            raise UnreadableInput(f"file is truncated: tensor {t.name} lies past its end", path)
+    check_extents(path, tensors)
+    return Checkpoint(path=path, format="torch-zip", tensors=tensors, safety=safety,
+                      container=container, metadata=meta, files=[path])
 
 
 def read_torch_legacy(path: Path) -> Checkpoint:
@@ -100,15 +83,11 @@ def read_torch_legacy(path: Path) -> Checkpoint:
             except MalformedPickle as exc:
                 raise UnreadableInput(f"not a torch checkpoint or truncated ({label} pickle at "
                                       f"{start}: {exc})", path) from None
-            _merge_safety(safety, result)
+            safety.globals_seen = sorted(set(safety.globals_seen) | result.globals_seen)
             results.append(result)
             if label == "magic" and result.value != LEGACY_MAGIC:
                 raise UnreadableInput("not a torch checkpoint (no zip header, no legacy magic number)",
                                       path)
-            if safety.findings:
-                break
-        if safety.findings:
-            raise UnsafeInput(path, safety.findings)
         sys_info = results[2].value
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise UnreadableInput("big-endian checkpoints are not supported", path)
@@ -148,25 +127,11 @@ def read_torch_legacy(path: Path) -> Checkpoint:
                       container=container, metadata=meta, files=[path])
 
 
-def _read_member(zf: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path) -> bytes:
-    try:
-        return zf.read(member)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        raise UnreadableInput(f"cannot read {member.filename} ({exc})", path) from None
-
-
 def _walk(raw: bytes, member: str, path: Path) -> WalkResult:
     try:
         return walk(io.BytesIO(raw), member=member)
     except MalformedPickle as exc:
         raise UnreadableInput(f"{member}: {exc}", path) from None
-
-
-def _merge_safety(safety: SafetyReport, result: WalkResult) -> None:
-    safety.findings.extend(result.findings)
-    safety.globals_seen = sorted(set(safety.globals_seen) | result.globals_seen)
-    if safety.findings:
-        safety.verdict = "unsafe"
 
 
 def _storage_refs(value: Any) -> dict[str, StorageRef]:

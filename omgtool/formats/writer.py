@@ -1,44 +1,30 @@
-"""Writers: planned, sharded safetensors written as tensors arrive, inside an atomic folder.
+"""Writers: planned, sharded safetensors written as tensors arrive, inside an atomic folder,
+and the one JSON file writer.
 
-The plan (every output name, shape, dtype) is fixed before the first byte is written,
-so headers can be written up front and each tensor streamed to disk as soon as it is
-computed: memory holds one tensor, never a shard. Nothing appears at the final path
-until everything succeeded (`atomic_output_dir`).
+The plan (every output name, shape, dtype: omgtool.plan.model.PlannedTensor, or anything
+with name/shape/dtype/nbytes) is fixed before the first byte is written, so headers can be
+written up front and each tensor streamed to disk as soon as it is computed: memory holds
+one tensor, never a shard. Nothing appears at the final path until everything succeeded
+(`output_dir.atomic_output_dir`). omgtool.plan.execute drives all of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
-import shutil
 import struct
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from omgtool.errors import InvalidArgument, OmgError
-from omgtool.formats.dtypes import ITEMSIZE
+# The atomic output folder lives in output_dir.py; re-exported for existing callers.
+from omgtool.formats.output_dir import atomic_output_dir, check_free_space  # noqa: F401
 
 DEFAULT_MAX_SHARD = "5GB"
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # canonical (F32, BF16, ...)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
-
-
-def shard_plan(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+def shard_plan(plan: list, max_shard_bytes: int) -> list[list]:
     """Split in order; a tensor larger than the limit gets a shard of its own (as HF does)."""
-    shards: list[list[PlannedTensor]] = [[]]
+    shards: list[list] = [[]]
     size = 0
     for t in plan:
         if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -49,7 +35,7 @@ def shard_plan(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[Pla
     return [s for s in shards if s] or [[]]
 
 
-def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None) -> bytes:
+def _header_bytes(tensors: list, metadata: dict[str, str] | None) -> bytes:
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -69,7 +55,7 @@ class ShardedSafetensorsWriter:
     `<stem>-0000i-of-0000N.safetensors` plus `<stem>.safetensors.index.json`.
     """
 
-    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_bytes: int,
+    def __init__(self, folder: Path, plan: list, max_shard_bytes: int,
                  stem: str = "model", metadata: dict[str, str] | None = None, index: bool = True):
         names = [t.name for t in plan]
         if len(set(names)) != len(names):
@@ -88,39 +74,23 @@ class ShardedSafetensorsWriter:
         self.written = 0
 
     def write(self, name: str, tensor) -> None:
-        """Append the next planned tensor. Shape and dtype must match the plan exactly."""
+        """Append the next planned tensor whole (0-d tensors included). Shape and dtype must match
+        the plan exactly."""
         from omgtool.formats.dtypes import from_torch
 
-        try:
-            shard, planned = next(self._order)
-        except StopIteration:
-            raise OmgError(f"writer got {name} after the plan was complete") from None
-        if planned.name != name:
-            raise OmgError(f"writer expected {planned.name} next, got {name}")
+        planned = self._begin(name)
         if tuple(tensor.shape) != planned.shape or from_torch(tensor.dtype) != planned.dtype:
             raise OmgError(f"{name}: got {list(tensor.shape)} {from_torch(tensor.dtype)}, planned "
                            f"{list(planned.shape)} {planned.dtype}")
-        if shard != self._shard:
-            self._open(shard)
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
-        self._fh.write(memoryview(data))
+        self._append(tensor)
         self.written += planned.nbytes
 
     def write_rows(self, name: str, blocks) -> None:
         """Append the next planned tensor from consecutive row blocks (dim-0 slices, in order),
         so a large tensor never exists whole in memory. The blocks must add up to the plan."""
-        import torch
-
         from omgtool.formats.dtypes import from_torch
 
-        try:
-            shard, planned = next(self._order)
-        except StopIteration:
-            raise OmgError(f"writer got {name} after the plan was complete") from None
-        if planned.name != name:
-            raise OmgError(f"writer expected {planned.name} next, got {name}")
-        if shard != self._shard:
-            self._open(shard)
+        planned = self._begin(name)
         rows = 0
         for block in blocks:
             if tuple(block.shape[1:]) != planned.shape[1:] or from_torch(block.dtype) != planned.dtype:
@@ -129,11 +99,28 @@ class ShardedSafetensorsWriter:
             rows += block.shape[0]
             if rows > planned.shape[0]:
                 raise OmgError(f"{name}: blocks exceed the planned {planned.shape[0]} rows")
-            data = block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._fh.write(memoryview(data))
+            self._append(block)
         if rows != planned.shape[0]:
             raise OmgError(f"{name}: blocks gave {rows} rows, planned {planned.shape[0]}")
         self.written += planned.nbytes
+
+    def _begin(self, name: str):
+        """The plan entry `name` must be next; opens its shard."""
+        try:
+            shard, planned = next(self._order)
+        except StopIteration:
+            raise OmgError(f"writer got {name} after the plan was complete") from None
+        if planned.name != name:
+            raise OmgError(f"writer expected {planned.name} next, got {name}")
+        if shard != self._shard:
+            self._open(shard)
+        return planned
+
+    def _append(self, tensor) -> None:
+        import torch
+
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
 
     def _open(self, shard: int) -> None:
         self._close_file()
@@ -158,14 +145,14 @@ class ShardedSafetensorsWriter:
         if self.index_name:
             weight_map = {t.name: self.files[i] for i, shard in enumerate(self.shards) for t in shard}
             index = {"metadata": {"total_size": sum(t.nbytes for t in self.plan)}, "weight_map": weight_map}
-            (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
+            write_json(self.folder / self.index_name, index)
         return self.files + ([self.index_name] if self.index_name else [])
 
     def abort(self) -> None:
         self._close_file()
 
 
-def verify_written(folder: Path, files: list[str], plan: list[PlannedTensor]) -> list[str]:
+def verify_written(folder: Path, files: list[str], plan: list) -> list[str]:
     """Re-read the headers just written; return mismatches against the plan (empty = good)."""
     from omgtool.formats.safetensors_file import read_header
 
@@ -186,41 +173,29 @@ def verify_written(folder: Path, files: list[str], plan: list[PlannedTensor]) ->
     return problems
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to `out` only when the block succeeds.
-
-    An existing `out` is refused unless `force`. On any failure (Ctrl-C included) the
-    temporary folder is removed, so nothing that looks complete is left behind.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise InvalidArgument(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    _umask = os.umask(0)
-    os.umask(_umask)
-    os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes it 0700; the output is an ordinary folder
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.replace(trash / out.name)
-            tmp.replace(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def write_json(path: Path, data: Any) -> None:
+    """Every JSON file omgtool writes: UTF-8, indented, non-ASCII kept as is."""
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
-def check_free_space(folder: Path, needed: int) -> None:
-    folder = Path(folder)
-    probe = folder if folder.exists() else folder.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if needed > free:
-        raise InvalidArgument(f"not enough free disk space in {probe}: need {needed / 1e9:.2f} GB, "
-                              f"have {free / 1e9:.2f} GB")
+def patch_metadata(file: Path, planned: dict[str, str], final: dict[str, str]) -> None:
+    """Replace a written header's placeholder metadata with the final values (same byte
+    length), then re-read the header to confirm."""
+    from omgtool.errors import CheckFailed
+    from omgtool.formats.safetensors_file import read_header
+
+    old = json.dumps(planned, separators=(",", ":")).encode()
+    new = json.dumps(final, separators=(",", ":")).encode()
+    if len(old) != len(new):
+        raise CheckFailed(f"{file.name}: metadata placeholder and value differ in length")
+    with open(file, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(n)
+        at = raw.find(old)
+        if at < 0 or raw.find(old, at + 1) >= 0:
+            raise CheckFailed(f"{file.name}: metadata placeholder not found once in the header")
+        fh.seek(8 + at)
+        fh.write(new)
+    _, meta, _ = read_header(file)
+    if meta != final:
+        raise CheckFailed(f"{file.name}: metadata reads back as {meta}, not {final}")

@@ -29,6 +29,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from omgtool.kernels.nf4_settings import BLOCKSIZES, QUANT_TYPES, QuantSettings, check_settings
+
 NF4_TABLE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -47,8 +49,6 @@ FP4_MAGNITUDES = (0.0, 5.208333333e-03, 0.66666667, 1.0, 0.33333333, 0.5, 0.1666
 # dQuantizeFP4's tree on |x|: the k-th threshold exceeded gives FP4_ORDER[k].
 FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
 FP4_ORDER = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # the CUDA kernels' (32 is ROCm/CPU only)
 DQ_BLOCKSIZE = 256  # functional.quantize_4bit: quantize_blockwise(absmax - offset, blocksize=256)
 
 
@@ -277,11 +277,7 @@ class QuantState:
         return self.double.dequantize() if self.double is not None else self.absmax
 
 
-def _check(blocksize: int, quant_type: str) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant type must be nf4 or fp4, not {quant_type!r}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, not {blocksize}")
+_check = check_settings
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
@@ -305,31 +301,6 @@ def dequantize_4bit(state: QuantState) -> torch.Tensor:
 # --- the QLoRA round trip ----------------------------------------------------------------------
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """How training held the base weights: bitsandbytes' Linear4bit with these parameters."""
-
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-    load_dtype: str = "fp16"  # from_pretrained(torch_dtype=...): the weight is cast to it, then quantized
-    compute_dtype: str = "fp16"  # bnb_4bit_compute_dtype: the dequantized weight is cast to it
-
-    def __post_init__(self):
-        _check(self.blocksize, self.quant_type)
-        for name in ("load_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, not {getattr(self, name)!r}")
-
-    @property
-    def load(self) -> torch.dtype:
-        return DTYPES[self.load_dtype]
-
-    @property
-    def compute(self) -> torch.dtype:
-        return DTYPES[self.compute_dtype]
 
 
 SUB_ELEMENTS = 1 << 18  # elements per step of the fused round trip: its temporaries stay in cache
@@ -452,3 +423,31 @@ class StreamedRoundTrip:
             norms[0] += q2
             norms[1] += w2
         return out.to(s.compute).view(w.shape)
+
+
+class WeightTrip:
+    """The NF4 base-weight step of a streamed merge (registered in
+    omgtool.kernels.transforms.WEIGHT_TRANSFORMS as nf4_roundtrip and nf4_measure).
+
+    `params["nf4"]` holds the QuantSettings values. One absmax pass over the weight at
+    construction (StreamedRoundTrip); then `step(start, rows)` returns W_train's rows
+    (replace=True: the weights training multiplied by) or the original rows unchanged
+    (replace=False: a standard merge that only measures), measuring q = W_train - W in both
+    modes. `rows` is the row block size the kernel must use (whole quantization blocks)."""
+
+    def __init__(self, read: Callable[[int, int], torch.Tensor], shape: tuple[int, ...], params: dict,
+                 rows: int, device: str | torch.device = "cpu", release: Callable[[], None] | None = None,
+                 replace: bool = True):
+        settings = QuantSettings(**params["nf4"])
+        cols = math.prod(shape[1:]) or 1
+        self.rows = aligned_rows(rows, cols, settings.blocksize)
+        self.replace = replace
+        self.trip = StreamedRoundTrip(read, tuple(shape), settings, self.rows, device, release=release)
+        self.norms = [0.0, 0.0]  # ||q||^2, ||W||^2 (float32 per step, summed in float64)
+
+    def __call__(self, start: int, w: torch.Tensor) -> torch.Tensor:
+        w_train = self.trip.rows(start, w, self.norms)
+        return w_train if self.replace else w
+
+    def record(self) -> dict[str, float]:
+        return {"q_norm": math.sqrt(self.norms[0]), "w_norm": math.sqrt(self.norms[1])}

@@ -1,4 +1,4 @@
-"""Named tensor transforms that conversion mappings refer to, and the rule engine.
+"""Named tensor transforms that conversion mappings refer to (omgtool.arch.convert matches the rules).
 
 Transforms act on rows (dim 0), so the same rule applies to a weight and to the B
 factor of a LoRA on it; the A factor is shared by every piece of a split.
@@ -6,11 +6,9 @@ factor of a LoRA on it; the A factor is shared by every piece of a split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from omgtool.errors import InvalidArgument
-from omgtool.arch.mapping import ConversionMapping, template_regex
 
 
 def grouped_qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int):
@@ -39,45 +37,63 @@ def split_grouped_qkv(t, *, num_heads: int, num_kv_heads: int, head_dim: int, **
     return [t.index_select(0, idx) for idx in grouped_qkv_rows(num_heads, num_kv_heads, head_dim)]
 
 
+def split_grouped_qkv_shapes(shape: tuple[int, ...], *, num_heads: int, num_kv_heads: int, head_dim: int,
+                             **_) -> list[tuple[int, ...]]:
+    return [(num_heads * head_dim, *shape[1:]), (num_kv_heads * head_dim, *shape[1:]),
+            (num_kv_heads * head_dim, *shape[1:])]
+
+
 def identity(t, **_):
     return [t]
 
 
-TRANSFORMS: dict[str, Callable] = {"identity": identity, "split_grouped_qkv": split_grouped_qkv}
+# name -> (tensor, **params) -> pieces, and name -> (shape, **params) -> piece shapes (no torch:
+# plans use the shapes). Conversion mappings name transforms; register_transform adds one.
+TRANSFORMS: dict[str, Callable] = {}
+SHAPES: dict[str, Callable] = {}
+
+
+def register_transform(name: str, apply_fn: Callable, shapes_fn: Callable) -> None:
+    TRANSFORMS[name] = apply_fn
+    SHAPES[name] = shapes_fn
+
+
+register_transform("identity", identity, lambda shape, **_: [tuple(shape)])
+register_transform("split_grouped_qkv", split_grouped_qkv, split_grouped_qkv_shapes)
+
+# A base weight's step before a merge (or a copy), named by a PlannedTensor's
+# params["base_transform"]: factory(read, shape, params, rows, device, release) -> step, where
+# read(start, stop) gives rows of the original weight, release() drops the pages read so far,
+# step.rows is the row block size the kernel must then use, step(start, rows) -> the rows to use
+# instead, and step.record() -> a dict the kernel keeps in run.records[WEIGHT_TRANSFORM_RECORDS[name]][tensor].
+WEIGHT_TRANSFORMS: dict[str, Callable] = {}
+WEIGHT_TRANSFORM_RECORDS: dict[str, str] = {}
+
+
+def register_weight_transform(name: str, factory: Callable, record: str) -> None:
+    WEIGHT_TRANSFORMS[name] = factory
+    WEIGHT_TRANSFORM_RECORDS[name] = record
+
+
+def _nf4_step(replace: bool) -> Callable:
+    def make(read, shape, params, rows, device="cpu", release=None):
+        from omgtool.kernels.nf4 import WeightTrip
+
+        return WeightTrip(read, shape, params, rows, device, release, replace=replace)
+
+    return make
+
+
+# QLoRA (merge-lora --base-weights): the bitsandbytes 4-bit round trip of the weight
+# (nf4_roundtrip), or the original weight with the round trip's error measured (nf4_measure)
+register_weight_transform("nf4_roundtrip", _nf4_step(True), "qlora")
+register_weight_transform("nf4_measure", _nf4_step(False), "qlora")
 
 
 def transform_shapes(transform: str, shape: tuple[int, ...], params: dict) -> list[tuple[int, ...]]:
-    if transform == "identity":
-        return [shape]
-    if transform == "split_grouped_qkv":
-        h, kv, d = params["num_heads"], params["num_kv_heads"], params["head_dim"]
-        return [(h * d, *shape[1:]), (kv * d, *shape[1:]), (kv * d, *shape[1:])]
-    raise InvalidArgument(f"unknown transform {transform!r}")
-
-
-@dataclass(frozen=True)
-class ConvertedName:
-    source: str
-    targets: tuple[str, ...]
-    transform: str
-
-
-def _fill(template: str, layer: str | None) -> str:
-    return template.replace("{layer}", layer) if layer is not None else template
-
-
-def convert_name(conversion: ConversionMapping, name: str) -> ConvertedName | None:
-    """Which target name(s) and transform a source weight name maps to; None if no rule."""
-    for rule in conversion.rules:
-        m = template_regex(rule.source).match(name)
-        if m is None:
-            continue
-        layer = m.group("layer") if "layer" in m.re.groupindex else None
-        targets = rule.target if isinstance(rule.target, list) else [rule.target]
-        if rule.transform not in TRANSFORMS:
-            raise InvalidArgument(f"conversion {conversion.name}: unknown transform {rule.transform!r}")
-        return ConvertedName(name, tuple(_fill(t, layer) for t in targets), rule.transform)
-    return None
+    if transform not in SHAPES:
+        raise InvalidArgument(f"unknown transform {transform!r}")
+    return [tuple(int(d) for d in s) for s in SHAPES[transform](tuple(shape), **params)]
 
 
 def apply(transform: str, tensor, params: dict) -> list:

@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator
 
 from omgtool.errors import InvalidArgument
 from omgtool.formats.base import Checkpoint, TensorInfo
-from omgtool.formats.dtypes import ITEMSIZE
+from omgtool.formats.dtypes import ITEMSIZE, NUMPY_LAYOUT
+from omgtool.progress import NULL_PROGRESS, Progress
 
 BLOCK_ELEMENTS = 1 << 20  # elements read from disk at a time, per side
 CHUNK_ELEMENTS = 1 << 18  # elements per numeric step (float64 arrays stay cache-sized)
@@ -237,11 +238,6 @@ class _Accumulator:
 
 
 # numpy decoding: canonical dtype -> (numpy dtype, scalars per element)
-_NUMPY = {"F64": ("<f8", 1), "F32": ("<f4", 1), "F16": ("<f2", 1), "I64": ("<i8", 1),
-          "I32": ("<i4", 1), "I16": ("<i2", 1), "I8": ("i1", 1), "U64": ("<u8", 1), "U32": ("<u4", 1),
-          "U16": ("<u2", 1), "U8": ("u1", 1), "BOOL": ("?", 1), "C64": ("<f4", 2), "C128": ("<f8", 2)}
-
-
 # dtypes whose every value a float32 holds exactly: pairs of these are compared in float32
 # (what numpy's allclose itself does for float32 arrays); anything else in float64.
 EXACT_IN_F32 = {"F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I16", "U16", "I8", "U8", "BOOL"}
@@ -259,8 +255,8 @@ def decode(raw, dtype: str, count: int, out: str = "float64"):
         u = np.frombuffer(raw, dtype="<u2", count=count).astype("<u4")
         u <<= 16
         return u.view("<f4").astype(out, copy=False)
-    if dtype in _NUMPY:
-        np_dtype, per = _NUMPY[dtype]
+    if dtype in NUMPY_LAYOUT:
+        np_dtype, per = NUMPY_LAYOUT[dtype]
         return np.frombuffer(raw, dtype=np_dtype, count=count * per).astype(out)
     import torch  # float8 and anything numpy lacks
 
@@ -497,8 +493,7 @@ def diff_paths(path_a: str | Path, path_b: str | Path, **kwargs) -> dict[str, An
 
 def diff_sides(a: Side, b: Side, *, normalize: bool = True, shapes_only: bool = False,
                tol: Tolerance = Tolerance(), strict: bool = False, check_hash: bool = False,
-               progress: Callable[[int], None] | None = None,
-               on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
+               progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """The diff report (JSON-ready). `report["differences"]` > 0 means the inputs differ.
 
     Against a manifest only names, shapes and dtypes compare (a null manifest dtype is not
@@ -562,15 +557,14 @@ def diff_sides(a: Side, b: Side, *, normalize: bool = True, shapes_only: bool = 
 
     value_changed, within, identical = [], [], 0
     if values:
-        if on_total is not None:
-            on_total(sum(_compare_bytes(a.ckpt.tensors[p.a], b.ckpt.tensors[p.b], rows)
-                         for p, rows in to_compare))
+        progress.task("comparing", total=sum(_compare_bytes(a.ckpt.tensors[p.a], b.ckpt.tensors[p.b], rows)
+                                             for p, rows in to_compare))
         row_entries = {(e["a"], e["b"]): e for e in rows_added + rows_removed}
         reader = BlockReader()
         try:
             for p, rows in to_compare:
                 delta = compare_values(a.ckpt, a.ckpt.tensors[p.a], b.ckpt, b.ckpt.tensors[p.b], tol,
-                                       rows=rows, reader=reader, on_bytes=progress)
+                                       rows=rows, reader=reader, on_bytes=progress.advance)
                 entry = {"a": p.a, "b": p.b, **delta.as_dict()}
                 if rows is not None:
                     entry["shared_rows"] = rows
@@ -614,14 +608,23 @@ def _compare_bytes(ia: TensorInfo, ib: TensorInfo, rows: int | None) -> int:
 
 
 def _check_hash(a: Side, b: Side) -> dict[str, Any]:
-    """sha256 of the checkpoint's files against the manifest's recorded sha256."""
-    from omgtool.cli.inspect import sha256_files
+    """sha256 of the checkpoint's files (one per file) against the manifest's recorded ones."""
+    from omgtool.formats.hashing import sha256_files
 
     for manifest, other in ((a, b), (b, a)):
-        expected = manifest.ckpt.metadata.get("sha256") if manifest.manifest else None
+        meta = manifest.ckpt.metadata if manifest.manifest else {}
+        expected = meta.get("sha256_files") or None
+        if expected is None and meta.get("sha256"):
+            if len(other.ckpt.files) > 1:
+                raise InvalidArgument("the manifest records one sha256 for a checkpoint of several files "
+                                      "(an older omgtool); re-create it with inspect --manifest --hash")
+            expected = {Path(f).name: meta["sha256"] for f in other.ckpt.files}
         if expected and not other.manifest:
             actual = sha256_files(other.ckpt.files)
-            return {"expected": expected, "actual": actual, "match": actual == expected,
+            single = len(expected) == 1 and len(actual) == 1
+            return {"expected": next(iter(expected.values())) if single else expected,
+                    "actual": next(iter(actual.values())) if single else actual,
+                    "match": sorted(actual.values()) == sorted(expected.values()) if single else actual == expected,
                     "files": [str(f) for f in other.ckpt.files]}
     raise InvalidArgument("--hash needs one input to be a manifest that records a sha256 "
                           "(omgtool inspect CKPT --manifest OUT.json --hash) and the other a checkpoint")

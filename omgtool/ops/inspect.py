@@ -7,25 +7,26 @@ Only `tensor_stats` and `update_strength` read tensor data, one tensor at a time
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from omgtool.progress import NULL_PROGRESS, Progress
 
 MANIFEST_VERSION = 1
 STATS_CHUNK = 1 << 24  # elements per chunk for --stats
 
 
 def build_report(path: Path, *, alpha: float | None = None, family: str | None = None,
-                 name_filter: str | None = None) -> tuple[dict[str, Any], Any, Any]:
-    """(report, checkpoint, analysis). Raises UnsafeInput / UnreadableInput."""
+                 name_filter: str | None = None, allow_globals=None,
+                 refuse_unsafe: bool | None = None) -> tuple[dict[str, Any], Any, Any]:
+    """(report, checkpoint, analysis). Raises UnsafeInput (unless refuse_unsafe=False: then
+    the report lists the tensors from the opcode walk) / UnreadableInput."""
     from omgtool.formats import open_checkpoint
     from omgtool.arch.infer import analyze
     from omgtool.arch.mapping import group_descriptions, load_registry
 
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, allow_globals=allow_globals, refuse_unsafe=refuse_unsafe)
     registry = load_registry()
     analysis = analyze(ckpt, registry, family=family, alpha=alpha)
     descriptions = group_descriptions(analysis.family, registry) if analysis.family else {}
@@ -49,6 +50,7 @@ def build_report(path: Path, *, alpha: float | None = None, family: str | None =
                      "group": analysis.matches[t.name].group if t.name in analysis.matches else "unexplained",
                      "location": t.location} for t in selected],
         "architecture": analysis.architecture,
+        "stage_reason": analysis.stage_reason,
         "groups": {g: v["count"] for g, v in groups.items()},
         "group_details": groups,
         "unexplained": analysis.unexplained,
@@ -61,13 +63,12 @@ def build_report(path: Path, *, alpha: float | None = None, family: str | None =
     return report, ckpt, analysis
 
 
-def tensor_stats(ckpt, names: list[str],
-                 advance: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
-    """min/max/mean/std and NaN/Inf/zero counts, one tensor and one chunk at a time.
-
-    `advance(nbytes)` is called after each tensor (progress)."""
+def tensor_stats(ckpt, names: list[str], progress: Progress = NULL_PROGRESS) -> dict[str, dict[str, Any]]:
+    """min/max/mean/std and NaN/Inf/zero counts, one tensor and one chunk at a time
+    (progress: one task, bytes advanced after each tensor)."""
     import torch
 
+    progress.task("stats", total=sum(ckpt.tensors[n].nbytes for n in names))
     out: dict[str, dict[str, Any]] = {}
     if True:
         for name in names:
@@ -95,46 +96,49 @@ def tensor_stats(ckpt, names: list[str],
             out[name] = {"min": acc["min"] if k else None, "max": acc["max"] if k else None,
                          "mean": mean, "std": var ** 0.5 if var is not None else None,
                          "nan": acc["nan"], "inf": acc["inf"], "zeros": acc["zeros"], "numel": n}
-            if advance is not None:
-                advance(ckpt.tensors[name].nbytes)
+            progress.advance(ckpt.tensors[name].nbytes)
             del t
     return out
 
 
 def update_strength(ckpt, analysis) -> list[dict[str, Any]]:
-    """||(alpha/r) B@A||_F per LoRA pair, via r x r Gram matrices (B@A never formed)."""
-    from omgtool.kernels.lora import delta_norm
+    """||scale B@A||_F per LoRA pair (scale as PEFT computes it: rsLoRA, alpha_pattern), via
+    r x r Gram matrices (B@A never formed)."""
+    from omgtool.kernels.lora import AdapterSettings, delta_norm, module_scale
 
     lora = analysis.architecture.get("lora") or {}
     alpha = lora.get("alpha")
+    user_alpha = str(lora.get("alpha_source", "")).startswith("user")
+    settings = AdapterSettings.of(ckpt)
     rows = []
     for pair in analysis.lora_pairs:
         a, b = ckpt.read(pair.a_key), ckpt.read(pair.b_key)
         rank = a.shape[0]
-        scale = alpha / rank if alpha is not None else 1.0
+        if alpha is not None:
+            _, scale = module_scale(pair.weight.removesuffix(".weight"), alpha, rank, settings, user_alpha)
+        else:
+            scale = 1.0
         rows.append({"component": pair.component, "layer": pair.layer, "module": pair.module,
                      "weight": pair.weight, "rank": rank, "scale": scale,
                      "delta_fro": delta_norm(a, b, scale)})
     return rows
 
 
-def write_manifest(report: dict[str, Any], out: Path, sha256: str | None) -> None:
+def write_manifest(report: dict[str, Any], out: Path, sha256: dict[str, str] | None) -> None:
+    """The shape manifest; with `sha256` ({file name: digest}, one per file) also the hashes:
+    `sha256_files`, and `sha256` itself when the checkpoint is one file."""
+    from omgtool.formats.writer import write_json
+
     manifest = {"format_version": MANIFEST_VERSION, "source": Path(report["path"]).name,
                 "family": report["architecture"].get("family"),
                 "stage": report["architecture"].get("stage"),
                 "tensors": [{"name": t["name"], "shape": t["shape"], "dtype": t["dtype"]}
                             for t in report["tensors"]]}
     if sha256:
-        manifest["sha256"] = sha256
+        if len(sha256) == 1:
+            manifest["sha256"] = next(iter(sha256.values()))
+        manifest["sha256_files"] = dict(sha256)
+        manifest["sha256_of"] = "each file's bytes, one sha256 per file"
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    write_json(tmp, manifest)
     tmp.replace(out)
-
-
-def sha256_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 24):
-                h.update(block)
-    return h.hexdigest()

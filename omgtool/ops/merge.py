@@ -4,67 +4,55 @@ Library use, without the CLI::
 
     from omgtool.ops.merge import plan_merge, run_merge
     plan = plan_merge("omg_llava_7b_finetune_8gpus.pth", "internlm2-chat-7b")
-    print(plan.describe())            # what --dry-run prints; nothing is written
+    print(plan.describe())            # what --dry-run prints; nothing is written, no torch imported
     report = run_merge(plan, "merged/")
 
 Generic over families through `mappings/`: the components whose `merge_target` is "model"
 (the family's `llm`) name their weights with the base model's own key names
 (`KeyMatch.weight`); LoRA pairs come from `omgtool.arch.infer.find_lora_pairs`, alpha from
-`omgtool.arch.infer.resolve_alpha`. For each base weight, in the base's own order:
+`omgtool.arch.infer.resolve_alpha`, the scale from `omgtool.kernels.lora`. For each base
+weight, in the base's own order:
 
-- merged:   W' = W + (alpha/r) B @ A, in float32 (no TF32), rounded once to the output dtype
-- replaced: a full tensor of the checkpoint takes the base tensor's place (trained in full);
-- resized:  ... with a different row count (vocab-sized tensors only: embeddings, head); a
-            LoRA on it (OMG-LLaVA's `output`) is merged into the checkpoint's tensor;
+- merged:   W' = W + scale * B @ A, in float32 (no TF32), rounded once to the output dtype
+- replaced: a full tensor of the checkpoint takes the base tensor's place (trained in full),
+            possibly with more rows (vocab-sized tensors only: embeddings, head; the plan says
+            "trained, 92544 → 92548 rows"); a LoRA on it (OMG-LLaVA's `output`) is merged into
+            the checkpoint's tensor;
 - copied:   bit-exact, or converted when --dtype changes the dtype.
 
 Tensors of other components go to the file their mapping names (`projector.safetensors`),
 keys no mapping explains to `extras.safetensors`, both under their original names and dtypes.
 
-The plan is complete before anything is written: every mismatch (hidden size, layer count,
-A/B rank, a LoRA target the base lacks) raises MismatchError (exit 2) naming the tensor.
-Writing streams one tensor at a time (mmap reads, released after each tensor; row-chunked
-merges written block by block), shard by shard, inside an atomic output folder.
+The plan (an `omgtool.plan.model.Plan`) is complete before anything is written: every
+mismatch (hidden size, layer count, A/B rank, a LoRA target the base lacks) raises
+MismatchError (exit 2) naming the tensor. `omgtool.plan.execute.execute` writes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
-import json
-import math
-import re
 import shutil
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from omgtool import __version__
-from omgtool.errors import CheckFailed, InvalidArgument, MismatchError, UnreadableInput
+from omgtool.errors import InvalidArgument, MismatchError, UnreadableInput
+from omgtool.formats.names import BASE_README, CONFIG, EXTRAS_FILE, MERGE_RECORD, README
+from omgtool.plan.model import Artifact, Input, Plan, PlannedTensor, Source, TensorFile, main_dtype
+from omgtool.progress import NULL_PROGRESS, Progress
 from omgtool.sizes import format_size, size_on_disk
 
 MODEL = "model"
-EXTRAS_FILE = "extras.safetensors"
-RECORD = "omgtool-merge.json"
-README = "README.md"
-BASE_README = "README.base.md"  # the base's own README.md, carried under this name
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}  # float32 bytes per merged row block
+RECORD = MERGE_RECORD
+ACTIONS = ("merged", "replaced", "added", "converted", "copied")
 # Weight files of a base folder that are never carried (the merged weights replace them).
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
                    "*.pth", "*.pt", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "consolidated*")
 SKIPPED_DIRS = (".cache", ".git", ".huggingface")
+NUMERICS = ("W' = W + scale * B @ A (scale = alpha/r, alpha/sqrt(r) for rsLoRA) in float32 (TF32 off), rounded "
+            "once to the output dtype; untouched base tensors copied bit-exactly")
 
-Progress = Callable[[str, int], None]  # (tensor name, bytes written)
-
-
-def _noop(name: str, nbytes: int) -> None:
-    pass
-
-
-# --- the plan ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class LoraSource:
@@ -73,239 +61,92 @@ class LoraSource:
     rank: int
     alpha: float
     scale: float
-    transposed: bool = False  # PEFT embedding LoRA: delta = (B @ A).T
-
-
-@dataclass(frozen=True)
-class MergeItem:
-    """One output tensor: where its values come from and what happens to them."""
-
-    name: str  # output name (the base's key, or the checkpoint's key in a side file)
-    action: str  # merged | replaced | resized | copied | converted | carried
-    shape: tuple[int, ...]
-    dtype: str  # output dtype (canonical: BF16, F32, ...)
-    file: str  # MODEL, or a side file name
-    source: str  # "base" or "checkpoint": where the tensor (before any LoRA) is read
-    key: str  # the key read from `source`
-    lora: LoraSource | None = None
-    base_shape: tuple[int, ...] | None = None  # for resized: the base's shape
-
-    @property
-    def nbytes(self) -> int:
-        from omgtool.formats.dtypes import ITEMSIZE
-
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+    transposed: bool = False  # embedding / fan_in_fan_out LoRA: delta = (B @ A).T
 
 
 @dataclass
-class MergePlan:
+class _Planning:
+    """What the planning steps share."""
+
     checkpoint: Path
-    base: Any  # omgtool.formats.resolve.ResolvedBase
-    family: str
-    stage: str | None
-    items: list[MergeItem]  # model tensors in the base's order, then side-file tensors
-    config: dict[str, Any]  # the output config.json
-    tokens: Any  # omgtool.formats.tokenizer_files.TokenPlan
-    carried: list[Path]  # base files copied as they are
-    alpha: float | None
-    alpha_source: str
-    out_dtype: str | None  # None: each base tensor's own dtype
-    main_dtype: str
-    max_shard_bytes: int
-    device: str
-    vocab: dict[str, int | None]
-    notes: list[str] = field(default_factory=list)
+    ckpt: Any
+    analysis: Any
+    fam: Any
+    registry: Any
+    out_dtype: str | None
+    user_alpha: float | None
+    notes: list[str]
+    checks: list[str] = field(default_factory=list)
+    resolved: Any = None  # omgtool.formats.resolve.ResolvedBase
+    base_ckpt: Any = None
+    config: dict[str, Any] = field(default_factory=dict)
+    model_comps: set[str] = field(default_factory=set)
+    comp_specs: dict[str, list] = field(default_factory=dict)
     qlora: Any = None  # omgtool.arch.qlora.QloraPlan: --base-weights and the 4-bit settings, or None
-    _ckpt: Any = field(default=None, repr=False)
-    _base: Any = field(default=None, repr=False)
 
-    # summaries
-    def model_items(self) -> list[MergeItem]:
-        return [i for i in self.items if i.file == MODEL]
+    def spec_of(self, name: str):
+        return next((w for specs in self.comp_specs.values() for rx, w in specs if rx.match(name)), None)
 
-    def side_files(self) -> dict[str, list[MergeItem]]:
-        out: dict[str, list[MergeItem]] = {}
-        for i in self.items:
-            if i.file != MODEL:
-                out.setdefault(i.file, []).append(i)
-        return out
+    def out_name(self, m) -> str:
+        """A checkpoint match's name in the base (its component's base_prefix + the weight)."""
+        return self.component(m.component).base_prefix + m.weight
 
-    def counts(self) -> dict[str, int]:
-        c = Counter(i.action for i in self.model_items())
-        out = {k: c.get(k, 0) for k in ("merged", "replaced", "resized", "added", "copied", "converted")}
-        out["lora_merged"] = sum(1 for i in self.model_items() if i.lora is not None)
-        for name, items in self.side_files().items():
-            out[name] = len(items)
-        return out
+    def component(self, name: str):
+        return next(c for c in self.fam.components if c.name == name)
 
     @property
-    def total_bytes(self) -> int:
-        return sum(i.nbytes for i in self.items)
-
-    @property
-    def carried_bytes(self) -> int:
-        return sum(size_on_disk(p) for p in self.carried)
-
-    def lora_summary(self) -> dict[str, Any] | None:
-        pairs = [i.lora for i in self.items if i.file == MODEL and i.lora is not None]
-        if not pairs:
-            return None
-        ranks = Counter(p.rank for p in pairs)
-        scales = Counter(p.scale for p in pairs)
-        return {"alpha": self.alpha, "alpha_source": self.alpha_source, "rank": ranks.most_common(1)[0][0],
-                "ranks": dict(ranks) if len(ranks) > 1 else None, "scale": scales.most_common(1)[0][0],
-                "scales": {str(k): v for k, v in scales.items()} if len(scales) > 1 else None,
-                "num_pairs": len(pairs)}
-
-    def as_dict(self) -> dict[str, Any]:
-        by_action: dict[str, list[str]] = {}
-        for i in self.model_items():
-            by_action.setdefault(i.action, []).append(i.name)
-        return {
-            "checkpoint": str(self.checkpoint), "base": self.base.as_dict(), "family": self.family,
-            "stage": self.stage, "lora": self.lora_summary(), "dtype": self.main_dtype,
-            "dtype_source": "--dtype" if self.out_dtype else "the base's dtype", "device": self.device,
-            "vocab": self.vocab, "counts": self.counts(), "tensors": by_action,
-            "resized": {i.name: {"from": list(i.base_shape or ()), "to": list(i.shape)}
-                        for i in self.model_items() if i.action == "resized"},
-            "side_files": {f: [i.name for i in items] for f, items in self.side_files().items()},
-            "tokens": self.tokens.as_dict(), "carried": [p.name for p in self.carried],
-            "bytes": self.total_bytes, "max_shard_bytes": self.max_shard_bytes, "notes": self.notes,
-            "qlora": self.qlora.as_dict() if self.qlora else None,
-        }
-
-    def describe(self) -> str:
-        """The plan in words: what --dry-run prints."""
-        lines = [f"merge {self.checkpoint} (family {self.family}, stage {self.stage or '?'})",
-                 f"into base {self.base.path} (--base {self.base.requested}: {self.base.how})"]
-        lora = self.lora_summary()
-        if lora:
-            ranks = f"rank {lora['rank']}" + (f" (ranks {lora['ranks']})" if lora["ranks"] else "")
-            lines.append(f"LoRA: {lora['num_pairs']} pairs, {ranks}, alpha {self.alpha:g} from "
-                         f"{self.alpha_source}; scale {lora['scale']:g}")
-        else:
-            lines.append("LoRA: none (full-tensor replacement only)")
-        dt = f"{self.main_dtype} ({'--dtype' if self.out_dtype else 'the base dtype'})"
-        lines.append(f"output: {len(self.model_items())} model tensors, {format_size(self.total_bytes)} in all, dtype {dt}, "
-                     f"shards of at most {format_size(self.max_shard_bytes)}, matmuls on {self.device}")
-        if self.vocab.get("output") != self.vocab.get("base"):
-            lines.append(f"vocab: {self.vocab.get('base')} -> {self.vocab.get('output')} rows "
-                         "(config.json vocab_size updated)")
-        if self.qlora:
-            lines += self.qlora.describe_lines(self.main_dtype)
-        for action in ("merged", "resized", "replaced", "added", "converted", "copied"):
-            items = [i for i in self.model_items() if i.action == action]
-            if not items:
-                continue
-            if action == "resized":
-                names = [f"{i.name} ({i.base_shape[0]} -> {i.shape[0]} rows"
-                         + (", + its LoRA" if i.lora else "") + ")" for i in items]
-            elif action == "replaced":
-                names = [i.name + (" (+ its LoRA)" if i.lora else "") for i in items]
-            else:
-                names = compress_names([i.name for i in items])
-            lines.append(f"  {action:<9} {len(items):>4}: " + ", ".join(names))
-        for fname, items in self.side_files().items():
-            lines.append(f"  {fname}: {len(items)} tensors under their original names: "
-                         + ", ".join(compress_names([i.name for i in items])))
-        if self.tokens.tokens:
-            lines.append("tokens: " + ", ".join(f"{t.content} {t.id}" + ("" if t.embedded else " (no embedding row)")
-                                               for t in self.tokens.tokens))
-        if self.carried:
-            lines.append("carried from the base: " + ", ".join(p.name for p in self.carried))
-        lines += [f"note: {n}" for n in self.notes + self.tokens.notes]
-        return "\n".join(lines)
-
-    def close(self) -> None:
-        for ck in (self._ckpt, self._base):
-            if ck is not None:
-                ck.close()
+    def model_matches(self) -> list:
+        return [m for m in self.analysis.matches.values() if m.component in self.model_comps]
 
 
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def compress_names(names: list[str]) -> list[str]:
-    """`model.layers.{0-31}.attention.wqkv.weight` for names differing only in the layer index."""
-    groups: dict[str, list[int]] = {}
-    order: list[str] = []
-    for n in names:
-        m = _LAYER.search(n)
-        key = n if m is None else n[:m.start()] + ".{}." + n[m.end():]
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        if m is not None:
-            groups[key].append(int(m.group(1)))
-    out = []
-    for key in order:
-        layers = groups[key]
-        if not layers:
-            out.append(key)
-        elif len(layers) == 1:
-            out.append(key.replace("{}", str(layers[0])))
-        else:
-            out.append(key.replace("{}", "{" + _ranges(sorted(layers)) + "}"))
-    return out
-
-
-def _ranges(values: list[int]) -> str:
-    parts, start, prev = [], values[0], values[0]
-    for v in values[1:] + [None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    dev = (device or "auto").strip().lower()
-    if dev == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InvalidArgument(f"--device {device}: CUDA is not available on this machine")
-        try:
-            torch.device(dev)
-        except RuntimeError as exc:
-            raise InvalidArgument(f"--device {device}: {exc}") from None
-        return dev
-    if dev != "cpu":
-        raise InvalidArgument(f"--device must be auto, cpu or cuda[:N], not {device!r}")
-    return dev
-
-
-def _alpha_for(module_path: str, alpha: float, cfg: dict | None, user: bool) -> float:
-    """PEFT's per-module alpha_pattern (keys matched as `(.*\\.)?KEY$`), unless --alpha was given."""
-    if user or not isinstance(cfg, dict):
-        return alpha
-    for key, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
-            return float(value)
-    return alpha
+def _dim_name(spec, i: int) -> str:
+    return spec.dims[i] if spec is not None and i < len(spec.dims) and spec.dims[i] != "_" else f"dim {i}"
 
 
 def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha: float | None = None,
                dtype: str | None = None, family: str | None = None, max_shard_size: str | int = "5GB",
                device: str | None = "auto", cwd: Path | None = None, base_weights: str = "original",
-               bnb: dict[str, Any] | None = None, quant_stats: bool = True) -> MergePlan:
-    """Everything the merge will do, checked; reads metadata only (no tensor data)."""
-    from omgtool.formats import open_checkpoint
-    from omgtool.formats.dtypes import HF_CONFIG_NAMES, parse_user_dtype
-    from omgtool.sizes import parse_size
-    from omgtool.arch.infer import analyze, lora_scaling, resolve_alpha
-    from omgtool.arch.mapping import load_registry, template_regex
-    from omgtool.formats.resolve import resolve_base
-    from omgtool.formats.tokenizer_files import plan_tokens
+               bnb: dict[str, Any] | None = None, quant_stats: bool = True) -> Plan:
+    """Everything the merge will do, checked; reads metadata only (no tensor data, no torch).
 
-    checkpoint = Path(checkpoint)
-    out_dtype = parse_user_dtype(dtype) if dtype else None
-    max_shard = parse_size(max_shard_size)
+    base_weights: "original" (the standard merge) or "nf4-dequant" (the LoRA is added to each
+    quantized weight's bitsandbytes 4-bit round trip; settings from the family's [qlora], `bnb`
+    overrides them); quant_stats: measure the round trip's error also with "original"."""
+    from omgtool.formats.dtypes import parse_user_dtype
+    from omgtool.kernels.device import check_device
+    from omgtool.sizes import parse_size
+
+    s = _open_checkpoint(Path(checkpoint), family, alpha, parse_user_dtype(dtype) if dtype else None)
+    _open_base(s, base, cwd)
+    _refuse_stray_lora(s)
+    _check_layer_counts(s)
+    full, added = _full_tensors(s)
+    resized = _resized_rows(s, full, added)
+    alpha_value, alpha_source, loras = _lora_sources(s, full)
+    tensors = _model_tensors(s, full, added, resized, loras)
+    tensors = _plan_qlora(s, tensors, base_weights, bnb, quant_stats)
+    vocab_rows, base_vocab, out_vocab = _vocab(s, tensors)
+    side = _side_tensors(s, full)
+    tokens = _tokens(s, full, vocab_rows, out_vocab)
+    config = _out_config(s, tensors, out_vocab, base_vocab)
+    carried = _carried(s, tokens, side)
+    if not loras and not full:
+        s.notes.append("the checkpoint changes nothing in the base model (no LoRA on it, no full tensors)")
+    vocab = {"base": base_vocab, "output": out_vocab,
+             "tokenizer": (tokens.base.size + len(tokens.tokens)) if tokens.base.size is not None else None}
+    return _assemble(s, tensors + side, config, tokens, carried, alpha_value, alpha_source, vocab,
+                     parse_size(max_shard_size), check_device(device))
+
+
+# --- planning steps -----------------------------------------------------------------------
+
+def _open_checkpoint(checkpoint: Path, family: str | None, alpha: float | None, out_dtype: str | None) -> _Planning:
+    """The checkpoint, its family and analysis; DoRA and half LoRA pairs refused."""
+    from omgtool.arch.infer import analyze
+    from omgtool.arch.mapping import load_registry
+    from omgtool.formats import open_checkpoint
+    from omgtool.kernels.lora import AdapterSettings
+
     registry = load_registry()
     ckpt = open_checkpoint(checkpoint)
     analysis = analyze(ckpt, registry, family=family, alpha=alpha)
@@ -314,258 +155,331 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
         raise InvalidArgument(f"{checkpoint}: no family mapping explains this checkpoint's keys; pass --family "
                               f"(one of {', '.join(sorted(registry.families))})")
     dora = [m.key for m in analysis.matches.values() if m.role == "dora_magnitude"]
-    adapter_cfg = ckpt.metadata.get("adapter_config")
-    if dora or (isinstance(adapter_cfg, dict) and adapter_cfg.get("use_dora")):
+    if dora or AdapterSettings.of(ckpt).use_dora:
         raise InvalidArgument(f"{checkpoint}: DoRA ({dora[0] if dora else 'adapter_config use_dora'}) is not a "
                               "plain LoRA; its merge needs the magnitude vectors and is refused")
-    notes = [n for n in analysis.notes if not n.startswith("LoRA factor without its partner")]
-
-    model_comps = {c.name for c in fam.components if c.merge_target == MODEL}
-    if not model_comps:
-        raise InvalidArgument(f"family {fam.name}: no component merges into the model (merge_into = \"model\")")
-    comp_file = {c.name: c.merge_target for c in fam.components}
-
-    # Unpaired LoRA halves are an error, not a note: half a LoRA cannot be merged.
     paired = {k for p in analysis.lora_pairs for k in (p.a_key, p.b_key)}
     lone = [m.key for m in analysis.matches.values() if m.role in ("lora_A", "lora_B") and m.key not in paired]
-    if lone:
+    if lone:  # half a LoRA cannot be merged
         raise MismatchError(f"{checkpoint}: LoRA factor without its partner: {lone[0]}"
                             + (f" and {len(lone) - 1} more" if len(lone) > 1 else ""))
+    notes = [n for n in analysis.notes if not n.startswith("LoRA factor without its partner")]
+    s = _Planning(checkpoint, ckpt, analysis, fam, registry, out_dtype, alpha, notes)
+    s.model_comps = {c.name for c in fam.components if c.merge_target == MODEL}
+    if not s.model_comps:
+        raise InvalidArgument(f"family {fam.name}: no component merges into the model (merge_into = \"model\")")
+    return s
 
-    # The base.
+
+def _open_base(s: _Planning, base: str | Path | None, cwd: Path | None) -> None:
+    """Resolve --base (or the adapter's base_model_name_or_path) to a full model folder."""
+    from omgtool.arch.mapping import template_regex
+    from omgtool.formats import open_checkpoint
+    from omgtool.formats.resolve import resolve_base
+
+    adapter_cfg = s.ckpt.metadata.get("adapter_config")
     if base is None:
-        named = adapter_cfg.get("base_model_name_or_path") if isinstance(adapter_cfg, dict) else None
-        if not named:
+        base = adapter_cfg.get("base_model_name_or_path") if isinstance(adapter_cfg, dict) else None
+        if not base:
             raise InvalidArgument("--base is required (the base model folder or name, e.g. internlm2-chat-7b)")
-        base = named
-    resolved = resolve_base(base, checkpoint, cwd=cwd)
-    base_ckpt = open_checkpoint(resolved.path)
-    if not base_ckpt.format.startswith("hf-folder"):
-        raise InvalidArgument(f"{resolved.path}: --base must be a full model folder (config.json + "
-                              f"model weights), not {base_ckpt.format}")
-    config = base_ckpt.metadata.get("config")
+    s.resolved = resolve_base(base, s.checkpoint, cwd=cwd)
+    s.base_ckpt = open_checkpoint(s.resolved.path)
+    if not s.base_ckpt.format.startswith("hf-folder"):
+        raise InvalidArgument(f"{s.resolved.path}: --base must be a full model folder (config.json + "
+                              f"model weights), not {s.base_ckpt.format}")
+    config = s.base_ckpt.metadata.get("config")
     if not isinstance(config, dict):
-        raise UnreadableInput("base folder has no config.json", resolved.path)
+        raise UnreadableInput("base folder has no config.json", s.resolved.path)
+    s.config = config
+    # base keys -> the architecture's weight spec (which dims mean what); a component's
+    # weights carry its base_prefix in the base's key names
+    for c in s.fam.components:
+        if c.name in s.model_comps:
+            s.comp_specs[c.name] = [(template_regex(c.base_prefix + w.name), w)
+                                    for w in s.registry.architecture(c.architecture).weights]
 
-    # Base keys -> the architecture's weight spec (which dims mean what).
-    # (a component's weights carry its base_prefix in the base's key names: out_name)
-    specs = []
-    comp_specs: dict[str, list] = {}
-    for c in fam.components:
-        if c.name in model_comps:
-            comp_specs[c.name] = [(template_regex(c.base_prefix + w.name), w)
-                                  for w in registry.architecture(c.architecture).weights]
-            specs += comp_specs[c.name]
 
-    def spec_of(name: str):
-        return next((w for rx, w in specs if rx.match(name)), None)
-
-    comp_prefix = {c.name: c.base_prefix for c in fam.components}
-
-    def out_name(m) -> str:
-        return comp_prefix[m.component] + m.weight
-
-    model_matches = [m for m in analysis.matches.values() if m.component in model_comps]
-
-    # LoRA factors on modules no mapping explains cannot be merged: refuse rather than carry them.
+def _refuse_stray_lora(s: _Planning) -> None:
+    """LoRA factors on modules no mapping explains cannot be merged: refuse rather than carry them."""
     from omgtool.arch.mapping import split_peft
 
-    stray = [k for k in analysis.unexplained if split_peft(k)[1] in ("lora_A", "lora_B") or ".lora_" in k]
+    stray = [k for k in s.analysis.unexplained if split_peft(k)[1] in ("lora_A", "lora_B") or ".lora_" in k]
     if stray:
-        raise MismatchError(f"{checkpoint}: LoRA factors on modules no mapping of family {fam.name} explains: "
+        raise MismatchError(f"{s.checkpoint}: LoRA factors on modules no mapping of family {s.fam.name} explains: "
                             f"{stray[0]}" + (f" and {len(stray) - 1} more" if len(stray) > 1 else "")
                             + " (see docs/families.md, Adding a checkpoint family)")
 
-    # Layer count: each component's layers must be the base's (where config.json names its count).
-    for c in fam.components:
-        arch_key = registry.architecture(c.architecture).layer_count_key
-        layered = [m for m in model_matches if m.component == c.name and m.layer is not None]
-        if layered and arch_key and arch_key in config:
+
+def _check_layer_counts(s: _Planning) -> None:
+    """Each component's layers must be the base's (where config.json names its count)."""
+    for c in s.fam.components:
+        arch_key = s.registry.architecture(c.architecture).layer_count_key
+        layered = [m for m in s.model_matches if m.component == c.name and m.layer is not None]
+        if layered and arch_key and arch_key in s.config:
             top = max(layered, key=lambda m: m.layer)
-            base_layers = int(config[arch_key])
+            base_layers = int(s.config[arch_key])
             if top.layer + 1 != base_layers:
                 raise MismatchError(f"layer count: the checkpoint has layers 0..{top.layer} ({top.key}) but the "
                                     f"base has {base_layers} (config.json {arch_key}): the base does not match "
                                     "the checkpoint")
+            s.checks.append(f"{c.name}: {base_layers} layers, as the base's config.json {arch_key}")
 
-    # Full tensors of the model component(s): they replace the base's, or, for a component the
-    # base lacks entirely and the mapping marks added_to_base, are added to the model.
-    in_base = {name: any(rx.match(k) for k in base_ckpt.tensors for rx, _ in comp_specs[name])
-               for name in model_comps}
-    addable = {c.name for c in fam.components if c.added_to_base and not in_base.get(c.name, True)}
+
+def _full_tensors(s: _Planning) -> tuple[dict[str, str], list[str]]:
+    """({base name: checkpoint key} of full tensors, names the base lacks and gets added).
+
+    Full tensors of the model component(s) replace the base's, or, for a component the base
+    lacks entirely and the mapping marks added_to_base, are added to the model."""
+    in_base = {name: any(rx.match(k) for k in s.base_ckpt.tensors for rx, _ in s.comp_specs[name])
+               for name in s.model_comps}
+    addable = {c.name for c in s.fam.components if c.added_to_base and not in_base.get(c.name, True)}
     full: dict[str, str] = {}
     added: list[str] = []
-    for m in model_matches:
+    for m in s.model_matches:
         if m.role != "weight":
             continue
-        name = out_name(m)
+        name = s.out_name(m)
         if name in full:
-            raise MismatchError(f"{checkpoint}: {full[name]} and {m.key} both give {name}")
-        if name not in base_ckpt.tensors:
+            raise MismatchError(f"{s.checkpoint}: {full[name]} and {m.key} both give {name}")
+        if name not in s.base_ckpt.tensors:
             if m.component not in addable:
-                raise MismatchError(f"{m.key}: the base {resolved.path} has no {name} for it to replace")
+                raise MismatchError(f"{m.key}: the base {s.resolved.path} has no {name} for it to replace")
             added.append(name)
         full[name] = m.key
+    return full, added
 
-    def dim_name(spec, i: int) -> str:
-        return spec.dims[i] if spec is not None and i < len(spec.dims) and spec.dims[i] != "_" else f"dim {i}"
 
-    resized_shapes: dict[str, tuple[int, ...]] = {}
+def _resized_rows(s: _Planning, full: dict[str, str], added: list[str]) -> set[str]:
+    """Full tensors whose shape differs from the base's: only the rows of vocab-sized ones may."""
+    resized = set()
     for weight, key in full.items():
         if weight in added:
             continue
-        got, want = ckpt.tensors[key].shape, base_ckpt.tensors[weight].shape
-        spec = spec_of(weight)
+        got, want = s.ckpt.tensors[key].shape, s.base_ckpt.tensors[weight].shape
+        spec = s.spec_of(weight)
         if len(got) != len(want):
             raise MismatchError(f"{key} is {list(got)} but the base's {weight} is {list(want)}")
         for i in range(1, len(got)):
             if got[i] != want[i]:
-                raise MismatchError(f"{key} has {dim_name(spec, i)} {got[i]} but the base's {weight} has "
+                raise MismatchError(f"{key} has {_dim_name(spec, i)} {got[i]} but the base's {weight} has "
                                     f"{want[i]} ({list(want)}): the base does not match the checkpoint")
         if got and got[0] != want[0]:
-            if spec is None or dim_name(spec, 0) != "vocab_size":
+            if spec is None or _dim_name(spec, 0) != "vocab_size":
                 raise MismatchError(f"{key} has {got[0]} rows but the base's {weight} has {want[0]}; only "
                                     "vocab-sized tensors (embeddings, head) may be resized")
-            resized_shapes[weight] = tuple(got)
+            resized.add(weight)
+    return resized
 
-    # LoRA pairs on the model: alpha, rank, and the shape they update.
-    alpha_value, alpha_source = resolve_alpha(fam, ckpt, alpha)
-    model_pairs = [p for p in analysis.lora_pairs if p.component in model_comps]
-    if model_pairs and alpha_value is None:
-        raise InvalidArgument(f"{checkpoint}: LoRA alpha is {alpha_source}")
+
+def _lora_sources(s: _Planning, full: dict[str, str]) -> tuple[float | None, str, dict[str, LoraSource]]:
+    """alpha (and its source), and per base weight its LoRA pair: rank, alpha, scale, checked
+    against the shape it updates. What a LoRA means is omgtool.kernels.lora's."""
+    from omgtool.arch.infer import resolve_alpha
+    from omgtool.kernels.lora import AdapterSettings, delta_shape, is_transposed, module_scale
+
+    alpha_value, alpha_source = resolve_alpha(s.fam, s.ckpt, s.user_alpha)
+    pairs = [p for p in s.analysis.lora_pairs if p.component in s.model_comps]
+    if pairs and alpha_value is None:
+        raise InvalidArgument(f"{s.checkpoint}: LoRA alpha is {alpha_source}")
+    settings = AdapterSettings.of(s.ckpt)
     loras: dict[str, LoraSource] = {}
-    for p in model_pairs:
-        a, b = ckpt.tensors[p.a_key], ckpt.tensors[p.b_key]
+    for p in pairs:
+        a, b = s.ckpt.tensors[p.a_key], s.ckpt.tensors[p.b_key]
         if len(a.shape) != 2 or len(b.shape) != 2:
             raise MismatchError(f"{p.a_key}: LoRA factors must be 2-D, got A {list(a.shape)} and B {list(b.shape)}")
-        transposed = ".lora_embedding_" in p.a_key
         if a.shape[0] != b.shape[1]:
             raise MismatchError(f"LoRA rank mismatch: {p.a_key} has rank {a.shape[0]} ({list(a.shape)}) but "
                                 f"{p.b_key} has {b.shape[1]} ({list(b.shape)})")
+        transposed = is_transposed(p.a_key, settings)
         rank = int(a.shape[0])
-        name = comp_prefix[p.component] + p.weight  # the base's key
+        name = s.component(p.component).base_prefix + p.weight  # the base's key
         if name in full:
-            target = ckpt.tensors[full[name]].shape
-        elif name in base_ckpt.tensors:
-            target = base_ckpt.tensors[name].shape
+            target = s.ckpt.tensors[full[name]].shape
+        elif name in s.base_ckpt.tensors:
+            target = s.base_ckpt.tensors[name].shape
         else:
-            raise MismatchError(f"LoRA target {name} ({p.a_key}) has no weight in the base {resolved.path}")
-        delta = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+            raise MismatchError(f"LoRA target {name} ({p.a_key}) has no weight in the base {s.resolved.path}")
+        delta = delta_shape(a.shape, b.shape, transposed)
         if tuple(target) != delta:
-            spec = spec_of(name)
-            where = p.a_key if (delta[1] != target[1]) else p.b_key
+            spec = s.spec_of(name)
             dim = 1 if delta[1] != target[1] else 0
+            where = p.a_key if dim == 1 else p.b_key
             raise MismatchError(f"{where}: the LoRA update is {list(delta)} but {name} is {list(target)} "
-                                f"({dim_name(spec, dim)} {delta[dim]} vs {target[dim]}): the base does not "
+                                f"({_dim_name(spec, dim)} {delta[dim]} vs {target[dim]}): the base does not "
                                 "match the checkpoint")
-        a_here = _alpha_for(name.removesuffix(".weight"), alpha_value, adapter_cfg, alpha is not None)
-        loras[name] = LoraSource(p.a_key, p.b_key, rank, a_here, lora_scaling(a_here, rank, ckpt), transposed)
+        a_here, scale = module_scale(name.removesuffix(".weight"), alpha_value, rank, settings,
+                                     s.user_alpha is not None)
+        loras[name] = LoraSource(p.a_key, p.b_key, rank, a_here, scale, transposed)
+    if loras:
+        s.checks.append(f"{len(loras)} LoRA pairs: ranks agree between A and B, every update has its target's shape")
+    return alpha_value, alpha_source, loras
 
-    # The model tensors, in the base's order.
-    items: list[MergeItem] = []
-    for name, info in base_ckpt.tensors.items():
-        dt = out_dtype or info.dtype
+
+def _tensor(name: str, shape, dtype: str, action: str, source: Source, lora: LoraSource | None,
+            detail: str = "") -> PlannedTensor:
+    if lora is None:
+        return PlannedTensor(name, tuple(shape), dtype, (source,), "copy", action=action, detail=detail)
+    params = {"scale": lora.scale, "transposed": lora.transposed, "rank": lora.rank, "alpha": lora.alpha}
+    return PlannedTensor(name, tuple(shape), dtype,
+                         (source, Source("checkpoint", lora.a_key), Source("checkpoint", lora.b_key)),
+                         "lora_merge", params=params, action=action, detail=detail)
+
+
+def _model_tensors(s: _Planning, full, added, resized, loras) -> list[PlannedTensor]:
+    """The model tensors, in the base's order, then those the base lacks."""
+    out: list[PlannedTensor] = []
+    for name, info in s.base_ckpt.tensors.items():
+        dt = s.out_dtype or info.dtype
         lora = loras.get(name)
         if name in full:
             key = full[name]
-            shape = tuple(ckpt.tensors[key].shape)
-            action = "resized" if name in resized_shapes else "replaced"
-            items.append(MergeItem(name, action, shape, dt, MODEL, "checkpoint", key, lora, tuple(info.shape)))
+            shape = tuple(s.ckpt.tensors[key].shape)
+            detail = "trained" + (f", {info.shape[0]} \u2192 {shape[0]} rows" if name in resized else "") \
+                + (", + its LoRA" if lora else "")
+            out.append(_tensor(name, shape, dt, "replaced", Source("checkpoint", key), lora, detail))
         elif lora is not None:
-            items.append(MergeItem(name, "merged", tuple(info.shape), dt, MODEL, "base", name, lora))
+            out.append(_tensor(name, info.shape, dt, "merged", Source("base", name), lora))
         else:
-            action = "copied" if dt == info.dtype else "converted"
-            items.append(MergeItem(name, action, tuple(info.shape), dt, MODEL, "base", name))
+            out.append(_tensor(name, info.shape, dt, "copied" if dt == info.dtype else "converted",
+                               Source("base", name), None))
     for name in added:  # components the base lacks (added_to_base), after the base's tensors
         key = full[name]
-        info = ckpt.tensors[key]
-        items.append(MergeItem(name, "added", tuple(info.shape), out_dtype or info.dtype, MODEL, "checkpoint", key,
-                               loras.get(name)))
-    qlora = _plan_qlora(fam, analysis.stage, base_weights, bnb, items, comp_prefix, quant_stats)
-    if qlora is not None and qlora.rounds_base:  # a quantized weight without a LoRA changes too
-        quantized = set(qlora.quantized)
-        lone = sum(1 for i in items if i.name in quantized and i.lora is None)
-        items = [dataclasses.replace(i, action="converted") if i.name in quantized and i.action == "copied" else i
-                 for i in items]
-        if lone:
-            notes.append(f"--base-weights nf4-dequant: {lone} quantized weights without a LoRA are written as their "
-                         "4-bit round trip (converted)")
+        info = s.ckpt.tensors[key]
+        out.append(_tensor(name, info.shape, s.out_dtype or info.dtype, "added", Source("checkpoint", key),
+                           loras.get(name)))
     if added:
-        comps = sorted({analysis.matches[full[n]].component for n in added})
-        notes.append(f"the base has no {', '.join(comps)}: {len(added)} tensors of the checkpoint are added to the "
-                     "merged model under their names")
+        comps = sorted({s.analysis.matches[full[n]].component for n in added})
+        s.notes.append(f"the base has no {', '.join(comps)}: {len(added)} tensors of the checkpoint are added to "
+                       "the merged model under their names")
+    return out
 
-    # Vocab-sized tensors must agree after the resize.
-    vocab_rows = {i.name: i.shape[0] for i in items if (s := spec_of(i.name)) is not None and s.dims
-                  and s.dims[0] == "vocab_size" and i.shape}
+
+def _plan_qlora(s: _Planning, tensors: list[PlannedTensor], base_weights: str, bnb: dict[str, Any] | None,
+                quant_stats: bool) -> list[PlannedTensor]:
+    """QLoRA (omgtool.arch.qlora): each weight training held in 4-bit gets a weight step
+    (params["base_transform"], omgtool.kernels.transforms.WEIGHT_TRANSFORMS): its round trip
+    with --base-weights nf4-dequant (a quantized weight without a LoRA is then `converted`),
+    the round trip measured only with original (unless --no-quant-stats)."""
+    from omgtool.arch.qlora import plan_qlora
+
+    if base_weights == "original" and not quant_stats:
+        return tensors
+    comp = s.fam.qlora.component if s.fam.qlora else None
+    prefix = next((c.base_prefix for c in s.fam.components if c.name == comp), "")
+    model = [t for t in tensors if t.file == MODEL]
+    q = plan_qlora(s.fam, s.analysis.stage, base_weights, bnb, [t.name for t in model if len(t.shape) == 2],
+                   prefix, {t.name for t in model if t.sources[0].input != "base"})
+    if q is None:
+        return tensors
+    s.qlora = q
+    quantized = set(q.quantized)
+    step = {"base_transform": "nf4_roundtrip" if q.rounds_base else "nf4_measure",
+            "nf4": q.settings.as_params()}
+    out, lone = [], 0
+    for t in tensors:
+        if t.name not in quantized or t.kernel not in ("copy", "lora_merge"):
+            out.append(t)
+            continue
+        action = t.action
+        if t.kernel == "copy" and q.rounds_base:
+            lone += 1
+            action = "converted"
+        out.append(dataclasses.replace(t, params={**t.params, **step}, action=action))
+    if lone:
+        s.notes.append(f"--base-weights nf4-dequant: {lone} quantized weights without a LoRA are written as their "
+                       "4-bit round trip (converted)")
+    return out
+
+
+def _vocab(s: _Planning, tensors: list[PlannedTensor]):
+    """Vocab-sized tensors must agree after the resize: ({name: rows}, base vocab, output vocab)."""
+    vocab_rows = {t.name: t.shape[0] for t in tensors if (spec := s.spec_of(t.name)) is not None and spec.dims
+                  and spec.dims[0] == "vocab_size" and t.shape}
     if len(set(vocab_rows.values())) > 1:
         shown = ", ".join(f"{n} {r} rows" for n, r in vocab_rows.items())
         raise MismatchError(f"vocab-sized tensors disagree after the merge ({shown}): the checkpoint resizes "
                             "some but not all of them")
-    base_vocab = next((base_ckpt.tensors[n].shape[0] for n in vocab_rows), config.get("vocab_size"))
-    out_vocab = next(iter(vocab_rows.values()), config.get("vocab_size"))
+    base_vocab = next((s.base_ckpt.tensors[n].shape[0] for n in vocab_rows if n in s.base_ckpt.tensors),
+                      s.config.get("vocab_size"))
+    out_vocab = next(iter(vocab_rows.values()), s.config.get("vocab_size"))
+    return vocab_rows, base_vocab, out_vocab
 
-    # Everything else of the checkpoint: other components' files, then extras.
-    side: list[MergeItem] = []
-    used = set(full.values()) | {k for p in model_pairs for k in (p.a_key, p.b_key)}
-    for key, info in ckpt.tensors.items():
+
+def _side_tensors(s: _Planning, full: dict[str, str]) -> list[PlannedTensor]:
+    """Everything else of the checkpoint: other components' files, then extras."""
+    used = set(full.values()) | {k for p in s.analysis.lora_pairs if p.component in s.model_comps
+                                 for k in (p.a_key, p.b_key)}
+    side = []
+    for key, info in s.ckpt.tensors.items():
         if key in used:
             continue
-        m = analysis.matches.get(key)
-        if m is not None and m.component in model_comps:
+        m = s.analysis.matches.get(key)
+        if m is not None and m.component in s.model_comps:
             continue  # cannot happen: every model match is a full tensor or a LoRA half
-        fname = comp_file[m.component] if m is not None else EXTRAS_FILE
+        fname = s.component(m.component).merge_target if m is not None else EXTRAS_FILE
         if fname == MODEL:
             fname = EXTRAS_FILE
-        side.append(MergeItem(key, "carried", tuple(info.shape), info.dtype, fname, "checkpoint", key))
-    other_lora = sorted({p.component for p in analysis.lora_pairs if p.component not in model_comps})
+        side.append(PlannedTensor(key, tuple(info.shape), info.dtype, (Source("checkpoint", key),), "copy",
+                                  file=fname.removesuffix(".safetensors"), action="carried"))
+    other_lora = sorted({p.component for p in s.analysis.lora_pairs if p.component not in s.model_comps})
     if other_lora:
-        notes.append(f"LoRA factors on {', '.join(other_lora)} are not merged (no base weights for them here): "
-                     "carried as factors under their original names")
-    if any(i.file == EXTRAS_FILE for i in side):
-        n = sum(1 for i in side if i.file == EXTRAS_FILE)
-        notes.append(f"{n} tensors no mapping explains are carried in {EXTRAS_FILE} under their original names")
+        s.notes.append(f"LoRA factors on {', '.join(other_lora)} are not merged (no base weights for them here): "
+                       "carried as factors under their original names")
+    extras = sum(1 for t in side if t.file == EXTRAS_FILE.removesuffix(".safetensors"))
+    if extras:
+        s.notes.append(f"{extras} tensors no mapping explains are carried in {EXTRAS_FILE} under their original names")
+    return side
 
-    # Tokens: ids V.. for the family's added tokens, checked against the output's rows.
-    emb_key = next((full.get(n, n) for n, _ in vocab_rows.items()
-                    if (s := spec_of(n)) is not None and s.group == "embeddings"), "the embedding table")
-    emb_rows = next((vocab_rows[n] for n in vocab_rows if (s := spec_of(n)) is not None and s.group == "embeddings"),
-                    out_vocab)
-    tokens = plan_tokens(fam.tokens, resolved.path, emb_rows, emb_key)
 
-    # config.json: vocab_size from the rows, dtype when --dtype changes it; all else kept.
-    main_dtype = _main_dtype(items) or (out_dtype or "F32")
-    out_config = dict(config)
-    if fam.merge_config == "checkpoint":
-        own = ckpt.metadata.get("config")
+def _tokens(s: _Planning, full: dict[str, str], vocab_rows: dict[str, int], out_vocab):
+    """Ids V.. for the family's added tokens, checked against the output's embedding rows."""
+    from omgtool.formats.tokenizer_files import plan_tokens
+
+    embeddings = [n for n in vocab_rows if (spec := s.spec_of(n)) is not None and spec.group == "embeddings"]
+    emb_key = full.get(embeddings[0], embeddings[0]) if embeddings else "the embedding table"
+    emb_rows = vocab_rows[embeddings[0]] if embeddings else out_vocab
+    return plan_tokens(s.fam.tokens, s.resolved.path, emb_rows, emb_key)
+
+
+def _out_config(s: _Planning, tensors: list[PlannedTensor], out_vocab, base_vocab) -> dict[str, Any]:
+    """config.json: vocab_size from the rows, dtype when --dtype changes it; all else kept."""
+    from omgtool.formats.dtypes import HF_CONFIG_NAMES
+
+    out_config = dict(s.config)
+    if s.fam.merge_config == "checkpoint":
+        own = s.ckpt.metadata.get("config")
         if isinstance(own, dict):
             out_config = dict(own)
-            notes.append(f"config.json is the checkpoint folder's own (family {fam.name}: merge_config = checkpoint)")
+            s.notes.append(f"config.json is the checkpoint folder's own (family {s.fam.name}: merge_config = "
+                           "checkpoint)")
         else:
-            notes.append(f"config.json is the base's: the checkpoint has no config.json beside it (family "
-                         f"{fam.name} would use the checkpoint's)")
+            s.notes.append(f"config.json is the base's: the checkpoint has no config.json beside it (family "
+                           f"{s.fam.name} would use the checkpoint's)")
     if out_vocab is not None and "vocab_size" in out_config and out_config["vocab_size"] != out_vocab:
-        notes.append(f"config.json vocab_size {out_config['vocab_size']} -> {out_vocab} (the embedding rows)")
+        s.notes.append(f"config.json vocab_size {out_config['vocab_size']} -> {out_vocab} (the embedding rows)")
         out_config["vocab_size"] = out_vocab
     elif out_vocab is not None and "vocab_size" not in out_config and out_vocab != base_vocab:
-        notes.append(f"config.json has no top-level vocab_size to update: the embedding rows are {out_vocab}")
-    if out_dtype:
-        hf = HF_CONFIG_NAMES.get(out_dtype)
+        s.notes.append(f"config.json has no top-level vocab_size to update: the embedding rows are {out_vocab}")
+    if s.out_dtype:
+        hf = HF_CONFIG_NAMES.get(s.out_dtype)
         for key in ("torch_dtype", "dtype"):
             if key in out_config and out_config[key] != hf:
-                notes.append(f"config.json {key} {out_config[key]} -> {hf} (--dtype)")
+                s.notes.append(f"config.json {key} {out_config[key]} -> {hf} (--dtype)")
                 out_config[key] = hf
-        converted = sum(1 for i in items if i.action == "converted")
+        converted = sum(1 for t in tensors if t.action == "converted")
         if converted:
-            notes.append(f"--dtype {hf}: {converted} base tensors the checkpoint does not touch are converted, "
-                         "not copied bit-exactly")
+            s.notes.append(f"--dtype {hf}: {converted} base tensors the checkpoint does not touch are converted, "
+                           "not copied bit-exactly")
+    return out_config
 
-    # Files of the base carried as they are.
-    weight_files = {Path(f).name for f in base_ckpt.files}
-    rewritten = {"config.json", RECORD, *tokens.files}
-    produced = {EXTRAS_FILE, *(i.file for i in side)}
+
+def _carried(s: _Planning, tokens, side: list[PlannedTensor]) -> list[Path]:
+    """Files of the base carried as they are (not its weights, not what the merge rewrites)."""
+    weight_files = {Path(f).name for f in s.base_ckpt.files}
+    rewritten = {CONFIG, RECORD, *tokens.files}
+    produced = {EXTRAS_FILE, *(t.file + ".safetensors" for t in side)}
     carried, skipped = [], []
-    for entry in sorted(resolved.path.iterdir()):
+    for entry in sorted(s.resolved.path.iterdir()):
         name = entry.name
         if name in rewritten:
             continue
@@ -577,362 +491,200 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
             continue
         carried.append(entry)
     if skipped:
-        notes.append(f"weight files of the base not used for the merge are not carried: {', '.join(skipped)}")
-    if (resolved.path / README).is_file():
-        notes.append(f"the base's {README} is carried as {BASE_README}")
-
-    plan = MergePlan(
-        checkpoint=checkpoint, base=resolved, family=fam.name, stage=analysis.stage, items=items + side,
-        config=out_config, tokens=tokens, carried=carried, alpha=alpha_value,
-        alpha_source=alpha_source, out_dtype=out_dtype, main_dtype=main_dtype, max_shard_bytes=max_shard,
-        device=resolve_device(device), vocab={"base": base_vocab, "output": out_vocab,
-                                              "tokenizer": (tokens.base.size + len(tokens.tokens))
-                                              if tokens.base.size is not None else None},
-        notes=notes, qlora=qlora, _ckpt=ckpt, _base=base_ckpt)
-    if not model_pairs and not full:
-        plan.notes.append("the checkpoint changes nothing in the base model (no LoRA on it, no full tensors)")
-    return plan
+        s.notes.append(f"weight files of the base not used for the merge are not carried: {', '.join(skipped)}")
+    if (s.resolved.path / README).is_file():
+        s.notes.append(f"the base's {README} is carried as {BASE_README}")
+    return carried
 
 
-def _plan_qlora(fam, stage, base_weights, bnb, items, comp_prefix, quant_stats):
-    """The QLoRA plan (omgtool.arch.qlora): for --base-weights nf4-dequant, or for the
-    quantization-error figures of a standard merge when the family records QLoRA training."""
-    from omgtool.arch.qlora import plan_qlora
+# --- the plan -------------------------------------------------------------------------------
 
-    if base_weights == "original" and not quant_stats:
+def lora_summary(tensors: list[PlannedTensor], alpha, alpha_source) -> dict[str, Any] | None:
+    pairs = [t.params for t in tensors if t.kernel == "lora_merge"]
+    if not pairs:
         return None
-    comp = fam.qlora.component if fam.qlora else None
-    model = [i for i in items if i.file == MODEL]
-    return plan_qlora(fam, stage, base_weights, bnb, [i.name for i in model], comp_prefix.get(comp, ""),
-                      {i.name for i in model if i.source != "base"})
+    ranks = Counter(p["rank"] for p in pairs)
+    scales = Counter(p["scale"] for p in pairs)
+    return {"alpha": alpha, "alpha_source": alpha_source, "rank": ranks.most_common(1)[0][0],
+            "ranks": dict(ranks) if len(ranks) > 1 else None, "scale": scales.most_common(1)[0][0],
+            "scales": {str(k): v for k, v in scales.items()} if len(scales) > 1 else None,
+            "num_pairs": len(pairs)}
 
 
-def _main_dtype(items: list[MergeItem]) -> str | None:
-    by_bytes: Counter = Counter()
-    for i in items:
-        if i.file == MODEL:
-            by_bytes[i.dtype] += i.nbytes
-    return by_bytes.most_common(1)[0][0] if by_bytes else None
-
-
-# --- execution ---------------------------------------------------------------------------
-
-class _Hasher:
-    """sha256 of files on a background daemon thread (hashlib releases the GIL), so inputs are
-    hashed while the merge computes and each output shard while the next one is written.
-    Cancelled at once on failure or Ctrl-C."""
-
-    BLOCK = 16 << 20
-
-    def __init__(self):
-        import queue
-
-        self.queue: "queue.Queue[tuple[str, Path] | None]" = queue.Queue()
-        self.results: dict[str, dict[str, Any]] = {}
-        self.submitted: set[str] = set()
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="omgtool-hash", daemon=True)
-        self.thread.start()
-
-    def submit(self, label: str, path: Path) -> None:
-        self.submitted.add(label)
-        self.queue.put((label, Path(path)))
-
-    def _run(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None or self.stop.is_set():
-                return
-            label, path = job
-            try:
-                h = hashlib.sha256()
-                with open(path, "rb") as fh:
-                    while block := fh.read(self.BLOCK):
-                        if self.stop.is_set():
-                            return
-                        h.update(block)
-                self.results[label] = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-            except BaseException as exc:  # reported by finish()
-                self.error = exc
-                return
-
-    def finish(self) -> dict[str, dict[str, Any]]:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.results
-
-    def cancel(self) -> None:
-        self.stop.set()
-        self.queue.put(None)
-
-
-def _chunk_rows(shape: tuple[int, ...], device: str) -> int:
-    cols = math.prod(shape[1:]) or 1
-    return max(1, CHUNK_BYTES["cuda" if device.startswith("cuda") else "cpu"] // (4 * cols))
-
-
-def _blocks(item: MergeItem, ckpt, base, device: str, qlora=None):
-    """The output tensor as row blocks of its dtype: W + scale * B @ A through
-    omgtool.kernels.lora.merge_lora per block, or the source rows (converted if --dtype says so).
-
-    Every block re-reads its views and the previous mappings are dropped (Checkpoint.close),
-    so the pages of a 92548-row table are released as the merge moves down it: resident
-    memory holds about two blocks of the source, never the whole table."""
-    from omgtool.formats.dtypes import torch_dtype
-    from omgtool.kernels.lora import merge_lora
-
-    source = ckpt if item.source == "checkpoint" else base
-    n = item.shape[0]
-    rows = _chunk_rows(item.shape, device if item.lora is not None else "cpu")
-    out_dt = torch_dtype(item.dtype)
-    lo = item.lora
-    trip = (qlora.tensor(item.name, source, item.key, item.shape, rows, device if lo is not None else "cpu")
-            if qlora is not None else None)
-    rows = trip.rows if trip is not None else rows
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        w = source.read(item.key)[start:stop]
-        if trip is not None:  # QLoRA: the rows training multiplied by (nf4-dequant), measured in both modes
-            w = trip.apply(start, w)
-        if lo is None:
-            block = w if w.dtype == out_dt else w.to(out_dt)
-        else:
-            a, b = ckpt.read(lo.a_key), ckpt.read(lo.b_key)
-            if lo.transposed:  # embedding LoRA: delta = (B @ A).T = A.T @ B.T
-                a, b = b.T, a.T
-            block = merge_lora(w, a, b[start:stop], lo.scale, out_dtype=out_dt, chunk_rows=rows, device=device)
-            del a, b
-        del w
-        ckpt.close()
-        base.close()
-        yield block
-        del block
-    if trip is not None:
-        trip.finish()
-
-
-def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress: Progress = _noop,
-              hash_base: bool = True) -> dict[str, Any]:
-    """Write the merged model folder `out` as planned. Returns the report (also written to
-    out/omgtool-merge.json). Nothing appears at `out` unless everything succeeded."""
-    from omgtool.formats.writer import PlannedTensor, ShardedSafetensorsWriter, atomic_output_dir, \
-        check_free_space, verify_written
-    from omgtool.formats.dtypes import torch_dtype
-    from omgtool.kernels.lora import delta_norm
-    from omgtool.formats.tokenizer_files import write_tokenizer_files
-
-    out = Path(out)
-    if out.exists() and not force:
-        raise InvalidArgument(f"{out} already exists (use --force to replace it)")
-    if out.resolve() == plan.base.path.resolve() or plan.base.path.resolve() in out.resolve().parents:
-        raise InvalidArgument(f"--out {out} is inside the base folder {plan.base.path}")
-    check_free_space(out if out.exists() else out.parent, plan.total_bytes + plan.carried_bytes + (16 << 20))
-    ckpt, base = plan._ckpt, plan._base
-    started = datetime.datetime.now(datetime.timezone.utc)
-
-    hasher = _Hasher()
-    ckpt_files = [Path(f) for f in ckpt.files] or [plan.checkpoint]
-    for f in ckpt_files:
-        hasher.submit(f"checkpoint:{_rel(f, plan.checkpoint)}", f)
-    base_files = [Path(f) for f in base.files]
-    if hash_base:
-        for f in base_files:
-            hasher.submit(f"base:{f.name}", f)
-
-    deltas: dict[str, dict[str, Any]] = {}
-    written_files: list[str] = []
-    from omgtool.ops.qlora import QuantHook
-
-    qlora = QuantHook(plan.qlora) if plan.qlora is not None else None
-    try:
-        with atomic_output_dir(out, force=force) as tmp:
-            # model shards
-            model = plan.model_items()
-            mplan = [PlannedTensor(i.name, i.shape, i.dtype) for i in model]
-            writer = ShardedSafetensorsWriter(tmp, mplan, plan.max_shard_bytes, stem="model",
-                                              metadata={"format": "pt"})
-            first_of_shard = {shard[0].name: n for n, shard in enumerate(writer.shards) if shard and n > 0}
-            try:
-                for item in model:
-                    if item.lora is not None:  # the update's strength, before the big buffers exist
-                        lo = item.lora
-                        a, b = ckpt.read(lo.a_key), ckpt.read(lo.b_key)
-                        if plan.device != "cpu":
-                            a, b = a.to(plan.device), b.to(plan.device)
-                        deltas[item.name] = {"rank": lo.rank, "alpha": lo.alpha, "scale": lo.scale,
-                                             "frobenius_norm": delta_norm(a, b, lo.scale),
-                                             "lora_A": lo.a_key, "lora_B": lo.b_key}
-                        del a, b
-                        ckpt.close()
-                    if not item.shape:  # a 0-d tensor: no rows to stream
-                        source = ckpt if item.source == "checkpoint" else base
-                        writer.write(item.name, source.read(item.key).to(torch_dtype(item.dtype)))
-                    else:
-                        writer.write_rows(item.name, _blocks(item, ckpt, base, plan.device, qlora))
-                    ckpt.close()  # drop the mmaps: pages read so far stop counting as ours
-                    base.close()
-                    if item.name in first_of_shard:  # the previous shard is closed: hash it now
-                        hasher.submit(f"out:{writer.files[first_of_shard[item.name] - 1]}",
-                                      tmp / writer.files[first_of_shard[item.name] - 1])
-                    progress(item.name, item.nbytes)
-                files = writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            hasher.submit(f"out:{writer.files[-1]}", tmp / writer.files[-1])
-            _check_written(tmp, files, mplan, verify_written)
-            written_files += files
-
-            # side files: other components and extras, one file each
-            for fname, items in plan.side_files().items():
-                splan = [PlannedTensor(i.name, i.shape, i.dtype) for i in items]
-                stem = fname.removesuffix(".safetensors")
-                w = ShardedSafetensorsWriter(tmp, splan, 1 << 62, stem=stem, metadata={"format": "pt"}, index=False)
-                try:
-                    for i in items:
-                        t = ckpt.read(i.key)
-                        if t.dim() == 0:
-                            w.write(i.name, t)
-                        else:
-                            w.write_rows(i.name, [t])
-                        del t
-                        progress(i.name, i.nbytes)
-                    sfiles = w.close()
-                except BaseException:
-                    w.abort()
-                    raise
-                ckpt.close()
-                _check_written(tmp, sfiles, splan, verify_written)
-                written_files += sfiles
-                for f in sfiles:
-                    hasher.submit(f"out:{f}", tmp / f)
-
-            # config, tokenizer, carried files, README
-            _write_json(tmp / "config.json", plan.config)
-            token_files = write_tokenizer_files(plan.tokens, tmp)
-            for entry in plan.carried:
-                dst = tmp / (BASE_README if entry.name == README else entry.name)
-                if entry.is_dir():
-                    shutil.copytree(entry, dst)
-                else:
-                    shutil.copyfile(entry, dst)
-            report = _report(plan, out, started, deltas, written_files, token_files, hash_base)
-            if qlora is not None:
-                report["qlora"] = qlora.report(deltas)
-                report["numerics"] += _qlora_numerics(plan.qlora)
-            (tmp / README).write_text(_readme(plan, report), encoding="utf-8")
-            for p in sorted(tmp.rglob("*")):
-                rel = str(p.relative_to(tmp))
-                if p.is_file() and f"out:{rel}" not in hasher.submitted:
-                    hasher.submit(f"out:{rel}", p)
-            results = hasher.finish()
-            report["checkpoint"]["files"] = {k.split(":", 1)[1]: v for k, v in results.items()
-                                             if k.startswith("checkpoint:")}
-            if hash_base:
-                report["base"]["files"] = {k.split(":", 1)[1]: v for k, v in results.items()
-                                           if k.startswith("base:")}
-            report["outputs"] = dict(sorted((k.split(":", 1)[1], v) for k, v in results.items()
-                                            if k.startswith("out:")))
-            finished = datetime.datetime.now(datetime.timezone.utc)
-            report["finished"] = finished.isoformat(timespec="seconds")
-            report["wall_s"] = round((finished - started).total_seconds(), 3)
-            _write_json(tmp / RECORD, report)
-    except BaseException:
-        hasher.cancel()
-        raise
-    finally:
-        plan.close()
-    return report
-
-
-def _qlora_numerics(q) -> str:
-    if not q.rounds_base:
-        return "; --base-weights original: W is the original weight (the 4-bit round trip is measured, not used)"
-    s = q.settings
-    return (f"; --base-weights nf4-dequant: W is each quantized weight's bitsandbytes round trip "
-            f"cast_{s.compute_dtype}(cast_{s.load_dtype}({s.quant_type.upper()}[code] * absmax')) from codes of "
-            f"W.to({s.load_dtype}), blocksize {s.blocksize}, double quant {'on' if s.double_quant else 'off'}")
-
-
-def _rel(f: Path, root: Path) -> str:
-    try:
-        return str(f.relative_to(root)) if f != root else f.name
-    except ValueError:
-        return f.name
-
-
-def _check_written(folder: Path, files: list[str], plan, verify_written) -> None:
-    problems = verify_written(folder, files, plan)
-    if problems:
-        shown = "; ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise CheckFailed(f"written output does not match its plan: {shown}")
-
-
-def _report(plan: MergePlan, out: Path, started, deltas, files, token_files, hash_base: bool) -> dict[str, Any]:
-    d = plan.as_dict()
-    base_info = plan.base.as_dict()
-    base_info["path"] = str(plan.base.path.resolve())
-    if not hash_base:
-        base_info["files"] = {Path(f).name: {"bytes": Path(f).stat().st_size, "sha256": None}
-                              for f in plan._base.files}
-        base_info["hash"] = "not hashed (--no-hash-base): shard sizes recorded instead"
+def _facts(s: _Planning, tensors, tokens, carried, alpha, alpha_source, vocab, max_shard, device) -> dict[str, Any]:
+    model = [t for t in tensors if t.file == MODEL]
+    side: dict[str, list[str]] = {}
+    for t in tensors:
+        if t.file != MODEL:
+            side.setdefault(t.file + ".safetensors", []).append(t.name)
+    counts = Counter(t.action for t in model)
+    by_action: dict[str, list[str]] = {}
+    for t in model:
+        by_action.setdefault(t.action, []).append(t.name)
     return {
-        "tool": "omgtool", "version": __version__, "command": "merge-lora",
-        "started": started.isoformat(timespec="seconds"), "out": str(out),
-        "checkpoint": {"path": str(plan.checkpoint.resolve())}, "base": base_info,
-        "family": plan.family, "stage": plan.stage,
-        "alpha": plan.alpha, "alpha_source": plan.alpha_source, "lora": d["lora"],
-        "dtype": d["dtype"], "dtype_source": d["dtype_source"], "device": plan.device,
-        "numerics": "W' = W + (alpha/r) * B @ A in float32 (TF32 off), rounded once to the output dtype; "
-                    "untouched base tensors copied bit-exactly" + (" (converted: --dtype)" if plan.out_dtype else ""),
-        "vocab": plan.vocab, "counts": d["counts"], "tensors": d["tensors"], "resized": d["resized"],
-        "side_files": d["side_files"], "deltas": deltas, "tokens": d["tokens"], "token_files": token_files,
-        "carried": d["carried"], "files": files, "notes": plan.notes + plan.tokens.notes,
+        "checkpoint": str(s.checkpoint), "base": s.resolved.as_dict(), "family": s.fam.name,
+        "stage": s.analysis.stage, "lora": lora_summary(model, alpha, alpha_source), "alpha": alpha,
+        "alpha_source": alpha_source, "dtype": main_dtype(model) or (s.out_dtype or "F32"),
+        "dtype_source": "--dtype" if s.out_dtype else "the base's dtype", "device": device, "vocab": vocab,
+        "counts": {**{k: counts.get(k, 0) for k in ACTIONS},
+                   "lora_merged": sum(1 for t in model if t.kernel == "lora_merge"),
+                   **{f: len(names) for f, names in side.items()}},
+        "tensors": by_action,
+        "resized": {t.name: {"from": list(s.base_ckpt.tensors[t.name].shape), "to": list(t.shape)}
+                    for t in model if t.action == "replaced" and t.name in s.base_ckpt.tensors
+                    and tuple(s.base_ckpt.tensors[t.name].shape[:1]) != tuple(t.shape[:1])},
+        "side_files": side, "tokens": tokens.as_dict(), "carried": [p.name for p in carried],
+        "max_shard_bytes": max_shard, "qlora": s.qlora.as_dict() if s.qlora is not None else None,
     }
 
 
-def _readme(plan: MergePlan, report: dict[str, Any]) -> str:
+def _headline(s: _Planning, facts: dict[str, Any], total: int) -> list[str]:
+    lines = [f"merge {s.checkpoint} (family {s.fam.name}, stage {s.analysis.stage or '?'})",
+             f"into base {s.resolved.path} (--base {s.resolved.requested}: {s.resolved.how})"]
+    lora = facts["lora"]
+    if lora:
+        ranks = f"rank {lora['rank']}" + (f" (ranks {lora['ranks']})" if lora["ranks"] else "")
+        lines.append(f"LoRA: {lora['num_pairs']} pairs, {ranks}, alpha {facts['alpha']:g} from "
+                     f"{facts['alpha_source']}; scale {lora['scale']:g}")
+    else:
+        lines.append("LoRA: none (full-tensor replacement only)")
+    dt = f"{facts['dtype']} ({'--dtype' if s.out_dtype else 'the base dtype'})"
+    model = sum(facts["counts"][a] for a in ACTIONS)
+    lines.append(f"output: {model} model tensors, {format_size(total)} in all, dtype {dt}, "
+                 f"shards of at most {format_size(facts['max_shard_bytes'])}, matmuls on {facts['device']}"
+                 + (" (cuda when available, else cpu)" if facts["device"] == "auto" else ""))
+    vocab = facts["vocab"]
+    if vocab.get("output") != vocab.get("base"):
+        lines.append(f"vocab: {vocab.get('base')} -> {vocab.get('output')} rows (config.json vocab_size updated)")
+    if s.qlora is not None:
+        lines += s.qlora.describe_lines(facts["dtype"])
+    return lines
+
+
+def _assemble(s: _Planning, tensors, config, tokens, carried, alpha, alpha_source, vocab, max_shard,
+              device) -> Plan:
+    from omgtool.formats.tokenizer_files import write_tokenizer_files
+    from omgtool.formats.writer import write_json
+
+    facts = _facts(s, tensors, tokens, carried, alpha, alpha_source, vocab, max_shard, device)
+    files = {MODEL: TensorFile(MODEL, max_shard)}
+    for t in tensors:
+        if t.file not in files:
+            files[t.file] = TensorFile(t.file, index=False)
+
+    def copy_carried(folder: Path, run) -> None:
+        for entry in carried:
+            dst = folder / (BASE_README if entry.name == README else entry.name)
+            if entry.is_dir():
+                shutil.copytree(entry, dst)
+            else:
+                shutil.copyfile(entry, dst)
+
+    artifacts = [
+        Artifact(CONFIG, f"vocab_size {config.get('vocab_size')}", lambda folder, run: write_json(folder / CONFIG,
+                                                                                                   config), 4096),
+        Artifact("tokenizer", _tokens_words(tokens), lambda folder, run: write_tokenizer_files(tokens, folder)),
+    ]
+    if carried:
+        artifacts.append(Artifact("carried", "from the base: " + ", ".join(p.name for p in carried), copy_carried,
+                                  sum(size_on_disk(p) for p in carried)))
+    plan = Plan("merge-lora", {"checkpoint": Input("checkpoint", s.checkpoint, s.ckpt),
+                               "base": Input("base", s.resolved.path, s.base_ckpt)},
+                tensors, files, artifacts, checks=s.checks, notes=s.notes + tokens.notes,
+                headline=_headline(s, facts, sum(t.nbytes for t in tensors)), facts=facts, record=RECORD,
+                device=device, forbidden_parents={"base folder": s.resolved.path}, actions=ACTIONS,
+                context={"config": config, "tokens": tokens, "qlora": s.qlora})
+    plan.artifacts.append(Artifact(README, "what this folder is", lambda folder, run: (folder / README).write_text(
+        _readme(plan, _report(plan, run)), encoding="utf-8")))
+    plan.report = lambda run: _report(plan, run)
+    return plan
+
+
+def _tokens_words(tokens) -> str:
+    if not tokens.tokens:
+        return "the base's"
+    return "tokens: " + ", ".join(f"{t.content} {t.id}" + ("" if t.embedded else " (no embedding row)")
+                                  for t in tokens.tokens)
+
+
+# --- execution ------------------------------------------------------------------------------
+
+def run_merge(plan: Plan, out: str | Path, *, force: bool = False, progress: Progress = NULL_PROGRESS,
+              hash_base: bool = True) -> dict[str, Any]:
+    """Write the merged model folder `out` as planned. Returns the report (also written to
+    out/omgtool-merge.json). Nothing appears at `out` unless everything succeeded."""
+    from omgtool.plan.execute import execute
+
+    plan.inputs["base"].hash = hash_base
+    return execute(plan, out, force=force, progress=progress)
+
+
+def _report(plan: Plan, run) -> dict[str, Any]:
+    from omgtool.ops.qlora import qlora_numerics, qlora_report
+    from omgtool.plan.execute import provenance
+
+    f = plan.facts
+    base_info = dict(f["base"])
+    base_info["path"] = str(Path(base_info["path"]).resolve())
+    base_input = plan.inputs["base"]
+    if not base_input.hash:
+        base_info["files"] = {Path(p).name: {"bytes": Path(p).stat().st_size, "sha256": None}
+                              for p in base_input.checkpoint.files}
+        base_info["hash"] = "not hashed (--no-hash-base): shard sizes recorded instead"
+    qlora = plan.context.get("qlora")
+    report = {
+        **provenance("merge-lora"), "started": run.started.isoformat(timespec="seconds"), "out": str(run.out),
+        "checkpoint": {"path": str(Path(f["checkpoint"]).resolve())}, "base": base_info,
+        "family": f["family"], "stage": f["stage"], "alpha": f["alpha"], "alpha_source": f["alpha_source"],
+        "lora": f["lora"], "dtype": f["dtype"], "dtype_source": f["dtype_source"], "device": run.device,
+        "numerics": NUMERICS + (" (converted: --dtype)" if f["dtype_source"] == "--dtype" else ""),
+        "vocab": f["vocab"], "counts": f["counts"], "tensors": f["tensors"], "resized": f["resized"],
+        "side_files": f["side_files"], "deltas": run.records.get("deltas", {}), "tokens": f["tokens"],
+        "token_files": run.results.get("tokenizer"), "carried": f["carried"], "files": run.files,
+        "notes": plan.notes,
+    }
+    if qlora is not None:  # which base weights the LoRA went into, and the 4-bit round trip's error
+        report["qlora"] = qlora_report(qlora, run.records.get("qlora", {}), report["deltas"])
+        report["numerics"] += qlora_numerics(qlora)
+    return report
+
+
+def _readme(plan: Plan, report: dict[str, Any]) -> str:
     from omgtool.formats.tokenizer_files import readme_section
 
+    f = plan.facts
+    ckpt_name, base_path = Path(f["checkpoint"]).name, Path(f["base"]["path"])
     lora = report["lora"]
-    lines = [f"# {plan.base.path.name} + {plan.checkpoint.name} (merged by omgtool merge-lora)", "",
-             f"This folder is the base model `{plan.base.requested}` with the language-model part of "
-             f"`{plan.checkpoint.name}` (family {plan.family}, stage {plan.stage or '?'}) merged in. It has the "
+    lines = [f"# {base_path.name} + {ckpt_name} (merged by omgtool merge-lora)", "",
+             f"This folder is the base model `{f['base'].get('requested')}` with the language-model part of "
+             f"`{ckpt_name}` (family {f['family']}, stage {f['stage'] or '?'}) merged in. It has the "
              "base's layout and key names, so the base's own code loads it"
-             + (" (`trust_remote_code=True`)" if "auto_map" in plan.config else "") + ".", ""]
+             + (" (`trust_remote_code=True`)" if "auto_map" in plan.context["config"] else "") + ".", ""]
     c = report["counts"]
-    lines.append(f"- {c['merged']} weights merged (W + alpha/r B@A), {c['resized']} resized and {c['replaced']} "
-                 f"replaced by the checkpoint's trained tensors, {c['copied']} copied unchanged"
+    lines.append(f"- {c['merged']} weights merged (W + scale B@A), {c['replaced']} "
+                 f"replaced by the checkpoint's trained tensors (with the added tokens' rows where the row count "
+                 f"differs), {c['copied']} copied unchanged"
                  + (f", {c['converted']} converted to {report['dtype']}" if c["converted"] else "") + ".")
     if c.get("added"):
         lines.append(f"- {c['added']} tensors the base lacks (e.g. a multimodal projector) added from the checkpoint "
                      "under their names.")
     if lora:
-        lines.append(f"- LoRA: rank {lora['rank']}, alpha {plan.alpha:g} ({plan.alpha_source}), scale "
+        lines.append(f"- LoRA: rank {lora['rank']}, alpha {f['alpha']:g} ({f['alpha_source']}), scale "
                      f"{lora['scale']:g}; computed in float32 and rounded once to {report['dtype']}.")
     if report.get("qlora"):  # omgtool.ops.qlora: which base weights the LoRA was added to
-        lines.append(f"- Base weights: {report['qlora']['base_weights']} (see `qlora` in omgtool-merge.json and "
+        lines.append(f"- Base weights: {report['qlora']['base_weights']} (see `qlora` in {RECORD} and "
                      "omgtool's docs/qlora.md).")
-    if plan.vocab.get("output") != plan.vocab.get("base"):
-        lines.append(f"- Vocabulary resized from {plan.vocab['base']} to {plan.vocab['output']} rows; "
+    if f["vocab"].get("output") != f["vocab"].get("base"):
+        lines.append(f"- Vocabulary resized from {f['vocab']['base']} to {f['vocab']['output']} rows; "
                      "`config.json` `vocab_size` follows the rows.")
     for fname, names in report["side_files"].items():
         what = "tensors no mapping explains" if fname == EXTRAS_FILE else "the non-LLM parts (projectors)"
         lines.append(f"- `{fname}`: {len(names)} tensors, {what}, under their original checkpoint names.")
-    lines += ["- `omgtool-merge.json`: tool version, inputs and their sha256, alpha and its source, per-target "
+    lines += [f"- `{RECORD}`: tool version, inputs and their sha256, alpha and its source, per-target "
               "Frobenius norm of each LoRA delta, output checksums.", ""]
-    section = readme_section(plan.tokens)
+    section = readme_section(plan.context["tokens"])
     if section:
         lines += [section]
-    if (plan.base.path / README).is_file():
+    if (base_path / README).is_file():
         lines += [f"The base model's own README is kept as `{BASE_README}`.", ""]
     return "\n".join(lines)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-
-

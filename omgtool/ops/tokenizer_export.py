@@ -1,27 +1,33 @@
 """Tokenizer files for a Llama export: the SentencePiece `tokenizer.model` kept as is,
-plus `tokenizer.json` and `tokenizer_config.json` for transformers' LlamaTokenizer (no
-InternLM2 remote code), with every added special token at its original id.
+plus `tokenizer.json` and `tokenizer_config.json` that transformers 4.x and 5.x load the same
+way (`PreTrainedTokenizerFast`: tokenizer.json as written, no InternLM2 remote code), with
+every added special token at its original id.
 
-transformers 5 can only turn a `tokenizer.model` into a fast tokenizer with `protobuf`
-installed; writing `tokenizer.json` here means the export loads without it. The model
-proto is read with a small wire-format reader (fields from sentencepiece_model.proto),
-so omgtool needs no protobuf either.
+They tokenize as InternLM2's tokenizer did in training: the text is split at the added
+tokens and each chunk is encoded by the SentencePiece model on its own, so with
+`add_dummy_prefix` every chunk gets the `▁` prefix, also right after a special token (as
+llama.cpp's `add_space_prefix` does). `LlamaTokenizer` is not used: transformers 5 rebuilds
+its pipeline (Metaspace, prefix on the first chunk only) instead of reading tokenizer.json,
+and transformers 4 rebuilds it from tokenizer.model (needs protobuf) when `add_prefix_space`
+is set.
+
+The model proto is read with a small wire-format reader (fields from
+sentencepiece_model.proto), so omgtool needs no protobuf.
 
 After writing, the tokenizer is loaded back through `AutoTokenizer` and its ids are
-compared with SentencePiece's own on a fixed probe set (`check_tokenizer`).
+compared with SentencePiece's, chunk by chunk, on a fixed probe set (`check_tokenizer`).
 """
 
 from __future__ import annotations
 
-import json
-import struct
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any
 
 from omgtool.errors import UnreadableInput
 from omgtool.formats.jsonfile import read_json_object
-from omgtool.formats.sentencepiece import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, SpmModel, read_spm
+from omgtool.formats.writer import write_json
+from omgtool.formats.sentencepiece import CONTROL, UNKNOWN, USER_DEFINED, SpmModel, read_spm
 
 # Source tokenizer files that are rewritten (or dropped: remote code) rather than carried.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,6 +46,7 @@ PROBES = (
     "new\nline\n\nand\ttab",
     "digits 0123456789 and 3.14159",
     "<|im_start|>user\nPlease segment the cat.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\n  two spaces after a special token<|im_end|>\n",
     "unicode: café naïve 東京 😀",
     "",
 )
@@ -62,9 +69,10 @@ def build_fast_tokenizer(spm: SpmModel, added: dict[int, dict[str, Any]], *, bos
                          add_bos: bool, add_eos: bool):
     """A `tokenizers.Tokenizer` equivalent to the SentencePiece BPE model: the same pieces at
     the same ids, merges ranked by piece id (as transformers' SentencePieceExtractor does),
-    Metaspace without splitting (prefix only with add_dummy_prefix), byte fallback only when
-    the model has it (otherwise unknown characters become one fused unk, as in SentencePiece)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    spaces to `▁` with the dummy prefix on each chunk between added tokens (only with
+    add_dummy_prefix), byte fallback only when the model has it (otherwise unknown characters
+    become one fused unk, as in SentencePiece)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
     from transformers.tokenization_utils_base import generate_merges
 
     vocab = {piece: i for i, (piece, _, _) in enumerate(spm.pieces)}
@@ -73,10 +81,13 @@ def build_fast_tokenizer(spm: SpmModel, added: dict[int, dict[str, Any]], *, bos
     unk = next((spm.pieces[i][0] for i in spm.ids_of(UNKNOWN)), None)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True,
                               byte_fallback=spm.byte_fallback, dropout=None))
-    tk.normalizer = None
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
-                                                prepend_scheme="first" if spm.add_dummy_prefix else "never",
-                                                split=False)
+    # A normalizer, not a Metaspace pre-tokenizer: it runs on each text chunk between added tokens
+    # and prepends unconditionally, as SentencePiece does per chunk in InternLM2's tokenizer
+    # (Metaspace "first" skips chunks after a special token; "always" skips chunks that
+    # already start with a space).
+    steps = [normalizers.Prepend("\u2581")] if spm.add_dummy_prefix else []
+    tk.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    tk.pre_tokenizer = None
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if spm.add_dummy_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -115,9 +126,6 @@ def build_fast_tokenizer(spm: SpmModel, added: dict[int, dict[str, Any]], *, bos
 def write_llama_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
     """Write tokenizer.model (copied), tokenizer.json and tokenizer_config.json into `dst`.
 
-    tokenizer_class is `LlamaTokenizer` when Llama's own pipeline reproduces the
-    SentencePiece model (BPE with byte fallback, which is what LlamaTokenizer rebuilds);
-    otherwise `PreTrainedTokenizerFast`, which loads tokenizer.json exactly as written.
     Returns a report; a source folder with no tokenizer.model gets no tokenizer.
     """
     import shutil
@@ -141,22 +149,15 @@ def write_llama_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
     tk.save(str(dst / "tokenizer.json"))
     shutil.copyfile(model_path, dst / "tokenizer.model")
 
-    llama_ok = spm.model_type == "bpe" and spm.byte_fallback and not spm.remove_extra_whitespaces \
-        and not (spm.has_charsmap and spm.normalizer != "identity")
     notes = list(spm.notes)
-    if not llama_ok:
-        notes.append("tokenizer_class PreTrainedTokenizerFast: LlamaTokenizer would rebuild the pipeline with "
-                     "byte fallback" + ("" if spm.byte_fallback else ", which this SentencePiece model lacks"))
     all_added = {i: e for i, e in added.items()}
     for i in spm.ids_of(CONTROL, USER_DEFINED, UNKNOWN):
         all_added.setdefault(i, {"content": spm.pieces[i][0], "special": spm.pieces[i][2] != USER_DEFINED})
     cfg: dict[str, Any] = {k: src_config[k] for k in KEEP_CONFIG if k in src_config}
     cfg.update({
-        "tokenizer_class": "LlamaTokenizer" if llama_ok else "PreTrainedTokenizerFast",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
-        "add_prefix_space": spm.add_dummy_prefix,
-        "legacy": False,
         "added_tokens_decoder": {str(i): {"content": e["content"], "lstrip": bool(e.get("lstrip", False)),
                                           "normalized": False, "rstrip": bool(e.get("rstrip", False)),
                                           "single_word": bool(e.get("single_word", False)),
@@ -164,7 +165,7 @@ def write_llama_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
                                  for i, e in sorted(all_added.items())},
     })
     cfg.setdefault("unk_token", next((spm.pieces[i][0] for i in spm.ids_of(UNKNOWN)), "<unk>"))
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    write_json(dst / "tokenizer_config.json", cfg)
     if (src / "special_tokens_map.json").is_file():
         shutil.copyfile(src / "special_tokens_map.json", dst / "special_tokens_map.json")
     files = sorted(p.name for p in dst.iterdir() if p.name in TOKENIZER_FILES)
@@ -186,7 +187,7 @@ def _carry_fast_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
     cfg = read_json_object(src / "tokenizer_config.json", missing_ok=True)
     cfg.pop("auto_map", None)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    write_json(dst / "tokenizer_config.json", cfg)
     added = {e["content"]: int(i) for i, e in (cfg.get("added_tokens_decoder") or {}).items()
              if isinstance(e, dict) and "content" in e}
     return {"files": sorted(p.name for p in dst.iterdir() if p.name in TOKENIZER_FILES),
@@ -194,20 +195,35 @@ def _carry_fast_tokenizer(src: Path, dst: Path) -> dict[str, Any]:
             "notes": ["source has no tokenizer.model: its tokenizer.json is carried as it is (not checked)"]}
 
 
+def sentencepiece_chunk_ids(sp, text: str, added: dict[str, int]) -> list[int]:
+    """InternLM2's tokenization in training: split at the added tokens (longest first), encode
+    each non-empty chunk with SentencePiece on its own (its dummy prefix on every chunk)."""
+    if not added:
+        return sp.encode(text) if text else []
+    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
+    ids: list[int] = []
+    for chunk in split.split(text):
+        if chunk:
+            ids += [added[chunk]] if chunk in added else sp.encode(chunk)
+    return ids
+
+
 def check_tokenizer(folder: Path, spm_path: Path, added: dict[str, int]) -> list[str]:
-    """Load `folder` with AutoTokenizer (no remote code); compare ids with SentencePiece on
-    PROBES, and each added token with its id. Returns the differences (empty = same)."""
+    """Load `folder` with AutoTokenizer (no remote code); compare ids with SentencePiece chunk
+    by chunk on PROBES (plus one text holding every added token), and each added token with its
+    id. Returns the differences (empty = same)."""
     import sentencepiece
     from transformers import AutoTokenizer
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
     tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     problems = []
-    for text in PROBES:
-        want = sp.encode(text)
+    every = "".join(f"{t} x{i}\n" for i, t in enumerate(added))
+    for text in PROBES + (every,):
+        want = sentencepiece_chunk_ids(sp, text, added)
         got = tok.encode(text, add_special_tokens=False)
         if got != want:
-            problems.append(f"{text!r}: LlamaTokenizer {got[:12]} vs SentencePiece {want[:12]}")
+            problems.append(f"{text!r}: exported tokenizer {got[:12]} vs SentencePiece per chunk {want[:12]}")
     for content, idx in added.items():
         got = tok.encode(content, add_special_tokens=False)
         if got != [idx]:

@@ -19,23 +19,24 @@ from __future__ import annotations
 
 import gc
 import math
-import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from omgtool.errors import InvalidArgument, UnreadableInput
+from omgtool.errors import InvalidArgument, MismatchError, UnreadableInput
+from omgtool.formats.names import EXPORT_RECORD, MERGE_RECORD, PROJECTOR_FILE
+from omgtool.kernels.device import resolve_device
+from omgtool.verify.placement import GPU_BUDGET_RATIO, capped_placement, fp32_placement, free_memory, param_bytes, \
+    peak_rss_bytes
+from omgtool.progress import NULL_PROGRESS, Progress
 
 TEXT_INPUT = "Please describe this picture and segment the main object."
 MM_INPUT = "<image>\nPlease segment the main object in this image."
 ANSWER = "Sure, it is [SEG]."
-MERGE_RECORD = "omgtool-merge.json"
-EXPORT_RECORD = "omgtool-export.json"
-PROJECTOR_FILE = "projector.safetensors"
-GPU_BUDGET_RATIO = 2.4  # peak GPU memory target: at most this many times the bf16 LLM weights
-GPU_MARGIN = 1 << 30  # activations, logits, vision trunk
+
+
 MIN_REL_TOL = {"fp32": 1e-4, "bf16": 1e-3}  # arithmetic floor when the measured floor is ~0
 PREFIX_REL_TOL = {"fp32": 1e-4, "bf16": 2e-2}
 
@@ -58,7 +59,7 @@ class VerifyOptions:
     tolerance_factor: float = 3.0
     reference: str = "default"  # default | nf4 (omgtool.verify.qlora: the QLoRA training forward)
     seed: int = 0
-    progress: Callable[[str], None] | None = None
+    progress: Progress = NULL_PROGRESS  # notes: one line per step
 
 
 @dataclass
@@ -71,8 +72,7 @@ class _Run:
     synthesized: list[str] = field(default_factory=list)
 
     def say(self, msg: str) -> None:
-        if self.opts.progress:
-            self.opts.progress(msg)
+        self.opts.progress.note(msg)
 
     @contextmanager
     def timed(self, name: str):
@@ -86,63 +86,6 @@ class _Run:
 
 
 # --- small helpers ----------------------------------------------------------------------------
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    device = (device or "auto").strip().lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InvalidArgument(f"--device {device}: CUDA is not available on this machine")
-        try:
-            index = torch.device(device).index
-        except RuntimeError as exc:
-            raise InvalidArgument(f"--device {device}: {exc}") from None
-        if index is not None and index >= torch.cuda.device_count():
-            raise InvalidArgument(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-        return device
-    if device == "cpu":
-        return device
-    raise InvalidArgument(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-
-
-def parse_max_memory(text: str | None) -> dict | None:
-    """'0=20GiB,cpu=64GB' -> {0: bytes, 'cpu': bytes} (sizes as merge-lora's --max-shard-size)."""
-    from omgtool.sizes import parse_size
-
-    if not text:
-        return None
-    out: dict = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        if "=" not in part:
-            raise InvalidArgument(f"--max-memory {text!r}: use DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=64GB")
-        key, size = (s.strip() for s in part.split("=", 1))
-        dev: int | str = int(key) if key.isdigit() else key.lower()
-        if isinstance(dev, str) and dev.startswith("cuda:") and dev[5:].isdigit():
-            dev = int(dev[5:])
-        if not isinstance(dev, int) and dev not in ("cpu", "disk", "mps"):
-            raise InvalidArgument(f"--max-memory: unknown device {key!r} (use a GPU index, cpu)")
-        out[dev] = parse_size(size)
-    return out or None
-
-
-def free_memory(device: str) -> int:
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
 
 def logit_stats(logits) -> dict[str, Any]:
     x = logits.float()
@@ -212,6 +155,14 @@ def _read_record(path: Path, folder: Path) -> dict:
     return read_json_object(path, missing_ok=True)
 
 
+def _projector_prefixes() -> tuple[str, ...]:
+    """Key prefixes of the OMG-LLaVA projector component (mappings/family_omg_llava.toml)."""
+    from omgtool.arch.mapping import load_registry
+
+    family = load_registry().family("omg-llava")
+    return tuple(p for c in family.components if c.architecture == "omg_llava_projector" for p in c.prefixes)
+
+
 def find_projector(opts: VerifyOptions, adapter_ckpt):
     """(checkpoint holding projector.* keys, where it came from) or (None, reason)."""
     from omgtool.formats import open_checkpoint
@@ -221,7 +172,7 @@ def find_projector(opts: VerifyOptions, adapter_ckpt):
     own = Path(opts.folder) / PROJECTOR_FILE
     if own.is_file():
         return open_checkpoint(own), str(own)
-    if adapter_ckpt is not None and any(k.startswith("projector.") for k in adapter_ckpt.tensors):
+    if adapter_ckpt is not None and any(k.startswith(_projector_prefixes()) for k in adapter_ckpt.tensors):
         return adapter_ckpt, f"{adapter_ckpt.path} (the adapter checkpoint)"
     return None, f"no {PROJECTOR_FILE} in the folder, no --projector and no --adapter holding projector weights"
 
@@ -261,7 +212,7 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
 
     import torch
 
-    from omgtool.kernels.lora import _exact_matmul
+    from omgtool.kernels.lora import exact_matmul
 
     opts.folder = Path(opts.folder)
     if not opts.folder.is_dir():
@@ -279,6 +230,14 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
     if opts.reference not in REFERENCES:
         raise InvalidArgument(f"--reference {opts.reference!r}: use {' or '.join(REFERENCES)}")
     device = resolve_device(opts.device)
+    gpus = [k for k in (opts.max_memory or {}) if isinstance(k, int)]
+    if opts.device_map is not None and gpus and not device.startswith("cuda"):
+        raise InvalidArgument(f"--max-memory gives GPU {gpus[0]} a budget, but verify runs on {device} here (no "
+                              "CUDA GPU); give only cpu=SIZE (the rest is offloaded to disk) or drop --device-map")
+    if opts.image is not None:  # before any model loads
+        from omgtool.verify.models.preprocess import load_image
+
+        load_image(opts.image)
     run = _Run(opts)
     from omgtool.verify.models.llm import Placement
 
@@ -300,7 +259,7 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(i)
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _exact_matmul():
+        with warnings.catch_warnings(), torch.no_grad(), exact_matmul():
             warnings.simplefilter("ignore")
             report = _verify(run, placement)
     finally:
@@ -332,6 +291,26 @@ def run_verify(opts: VerifyOptions) -> dict[str, Any]:
     return report
 
 
+def _table_rows(ckpt, analysis) -> set[int]:
+    """Row counts of the embedding and output tables, from metadata (no tensor is read)."""
+    return {ckpt.tensors[k].shape[0] for group, keys in analysis.groups.items()
+            if group.rsplit(".", 1)[-1] in ("embeddings", "lm_head") for k in keys if ckpt.tensors[k].shape}
+
+
+def _check_vocab_fits(folder: Path, merged, adapter_path, adapter_ckpt, adapter_analysis) -> None:
+    """Fail fast, before any model loads, when the adapter's vocab cannot fit the merged folder."""
+    from omgtool.arch.infer import analyze
+
+    theirs = _table_rows(adapter_ckpt, adapter_analysis)
+    if not theirs:
+        return
+    ours = _table_rows(merged, analyze(merged))
+    if ours and ours != theirs:
+        raise MismatchError(f"--adapter {adapter_path} has {'/'.join(map(str, sorted(theirs)))} vocab rows "
+                            f"(embeddings, output), the folder {folder} has {'/'.join(map(str, sorted(ours)))}: "
+                            "they do not fit together (was the folder merged from another checkpoint?)")
+
+
 def _verify(run: _Run, placement) -> dict[str, Any]:
     import torch
 
@@ -356,6 +335,7 @@ def _verify(run: _Run, placement) -> dict[str, Any]:
                          for k in (p.a_key, p.b_key))
         run.transient = max((adapter_ckpt.tensors[p.b_key].shape[0] * adapter_ckpt.tensors[p.a_key].shape[1] * 8
                              for p in adapter_analysis.lora_pairs), default=0)
+        _check_vocab_fits(folder, merged, opts.adapter, adapter_ckpt, adapter_analysis)
     fp32_need = int((numel + lora_numel) * 4 * 1.1) + run.transient
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -730,7 +710,7 @@ def _check_merge(run: _Run, merged_logits, ids, base_path, base_source, adapter_
         _free(ref_model)
         del ref_model
         _free()
-        fp32_place = _fp32_placement(run, placement, 2 * _param_bytes(analysis, adapter_ckpt, base_path))
+        fp32_place = fp32_placement(run, placement, 2 * param_bytes(analysis, adapter_ckpt, base_path))
         with run.timed("floor"):
             ref32_model, _, _ = build_reference(base_path, adapter_ckpt, analysis, torch.float32, fp32_place,
                                                 alpha=opts.alpha, base_view=base_view)
@@ -789,39 +769,3 @@ def _peft_merged_rounded(ref_model, placement, ids, stored_dtype):
                 for start in range(0, w.shape[0], 8192):  # in place, one row chunk at a time
                     w[start:start + 8192].copy_(w[start:start + 8192].to(stored_dtype))
     return _forward(ref_model, placement, input_ids=ids).logits.float().cpu()
-
-
-def capped_placement(run: _Run, placement, need: int):
-    """On a GPU without an explicit device map: the placement as given when `need` bytes of weights
-    (+ PEFT's merge temporaries + activations) fit the GPU budget and the free memory; otherwise
-    accelerate's device map with the GPU capped there and the rest on the CPU (streamed to the GPU
-    layer by layer at each forward)."""
-    import torch
-
-    from omgtool.verify.models.llm import Placement
-
-    if placement.device_map is not None or not placement.device.startswith("cuda"):
-        return placement
-    cap = min(run.gpu_budget or 1 << 62, int(free_memory(placement.device) * 0.95))
-    cap -= run.transient + GPU_MARGIN
-    if need <= cap:
-        return placement
-    idx = torch.device(placement.device).index or 0
-    return Placement(placement.device, "auto", {idx: max(cap, 1 << 28), "cpu": int(free_memory("cpu") * 0.8)},
-                     placement.offload_folder, scratch=placement.scratch)
-
-
-def _fp32_placement(run: _Run, placement, need: int):
-    """Where the fp32 copy of the reference runs (bf16 mode's noise floor)."""
-    if placement.device_map is not None and placement.device.startswith("cuda"):
-        return placement
-    return capped_placement(run, placement, need)
-
-
-def _param_bytes(analysis, adapter_ckpt, base_path) -> int:
-    """bf16 bytes of base + LoRA (x2 gives the fp32 footprint)."""
-    from omgtool.formats import open_checkpoint
-
-    base = open_checkpoint(base_path)
-    lora = sum(adapter_ckpt.tensors[k].numel for p in analysis.lora_pairs for k in (p.a_key, p.b_key))
-    return 2 * (sum(t.numel for t in base.tensors.values()) + lora)

@@ -82,32 +82,26 @@ def read_config(folder: Path) -> dict:
 
 def detect_layout(folder: Path, ckpt=None) -> str:
     """'internlm2' or 'llama', from config.json, else from the weight names."""
+    from omgtool.arch.convert import architecture_of
+
     cfg = read_config(folder)
-    kind = str(cfg.get("model_type", "")).lower()
-    archs = " ".join(cfg.get("architectures") or []).lower()
-    if kind == "internlm2" or "internlm2" in archs:
-        return "internlm2"
-    if kind == "llama" or "llama" in archs:
-        return "llama"
-    if ckpt is not None:
-        if "model.tok_embeddings.weight" in ckpt.tensors:
-            return "internlm2"
-        if "model.embed_tokens.weight" in ckpt.tensors:
-            return "llama"
-    raise InvalidArgument(f"cannot tell the model layout of {folder} (model_type {kind!r}); "
+    layout = architecture_of(cfg, ckpt)
+    if layout in ("internlm2", "llama"):
+        return layout
+    raise InvalidArgument(f"cannot tell the model layout of {folder} (model_type {cfg.get('model_type')!r}); "
                           "expected an InternLM2 or Llama folder")
 
 
 def llama_source(folder: Path, ckpt, conversion=None):
     """(llama config dict, params, planned pieces or None) for an InternLM2 or Llama folder."""
-    from omgtool.arch.convert import head_params, internlm2_to_llama, llama_config_dict, plan_conversion
+    from omgtool.arch.convert import conversion_between, head_params, llama_config_dict, plan_conversion
 
     src = read_config(folder)
     layout = detect_layout(folder, ckpt)
     params = head_params(src)
     if layout == "llama":
         return layout, dict(src), params, None
-    conversion = conversion or internlm2_to_llama()
+    conversion = conversion or conversion_between(layout, "llama")
     pieces, uncovered = plan_conversion(ckpt, conversion, params)
     if uncovered:
         raise MismatchError(f"{len(uncovered)} weights have no InternLM2->Llama rule (e.g. {uncovered[0]})",

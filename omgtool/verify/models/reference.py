@@ -4,8 +4,9 @@ The base folder (InternLM2, converted in memory, or Llama) becomes a LlamaForCau
 the checkpoint's trained full weights (tok_embeddings / output after the vocab resize)
 replace the base's; every LoRA pair becomes a PEFT LoRA module on the Llama layout. A
 LoRA on InternLM2's fused wqkv is split the way the weight is: rows (B) by the grouped
-q/k/v layout of the conversion mapping, A shared by q, k and v; scale = alpha / r as
-PEFT computes it (LoraConfig(r, lora_alpha, rank_pattern)).
+q/k/v layout of the conversion mapping, A shared by q, k and v; the scale is PEFT's own
+(LoraConfig(r, lora_alpha, rank_pattern, use_rslora)); the report's figure comes from
+omgtool.kernels.lora.
 """
 
 from __future__ import annotations
@@ -52,31 +53,30 @@ class AdapterParts:
 
 def adapter_parts(adapter_ckpt, analysis, params: dict[str, int], conversion=None) -> AdapterParts:
     """The adapter's LLM pieces in Llama names: full weights to replace, LoRA factors per module."""
-    from omgtool.arch.convert import internlm2_to_llama
-    from omgtool.kernels.transforms import apply, convert_name
+    from omgtool.arch.convert import conversion_between, convert_name
+    from omgtool.kernels.transforms import apply
 
     if analysis.family is None:
         raise InvalidArgument("the adapter checkpoint's family is unknown (no mapping explains its keys)")
-    comp = {c.name: c.architecture for c in analysis.family.components}
-    if "llm" not in comp:
-        raise InvalidArgument(f"family {analysis.family.name} has no `llm` component")
-    conversion = conversion or internlm2_to_llama()
+    llm = analysis.family.language_model
+    if llm is None:
+        raise InvalidArgument(f"family {analysis.family.name} has no language model component")
 
     def llama_names(weight: str, tensor):
-        if comp["llm"] == "llama":
+        if llm.architecture == "llama":
             return [(weight, tensor)]
-        conv = convert_name(conversion, weight)
+        conv = convert_name(conversion or conversion_between(llm.architecture, "llama"), weight)
         if conv is None:
-            raise MismatchError(f"adapter weight {weight} has no InternLM2->Llama rule")
+            raise MismatchError(f"adapter weight {weight} has no {llm.architecture}->llama rule")
         return list(zip(conv.targets, apply(conv.transform, tensor, params)))
 
     overrides: dict[str, torch.Tensor] = {}
     for m in analysis.matches.values():
-        if m.component == "llm" and m.role == "weight":
+        if m.component == llm.name and m.role == "weight":
             for name, t in llama_names(m.weight, adapter_ckpt.read(m.key)):
                 overrides[name] = t
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    pairs = [p for p in analysis.lora_pairs if p.component == "llm"]
+    pairs = [p for p in analysis.lora_pairs if p.component == llm.name]
     for p in pairs:
         a, b = adapter_ckpt.read(p.a_key), adapter_ckpt.read(p.b_key)
         if a.shape[0] != b.shape[1]:
@@ -94,7 +94,9 @@ def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torc
     `base_view(ckpt)` may replace the base's tensors as read (verify --reference nf4)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
+    from omgtool.arch.mapping import load_registry
     from omgtool.formats import open_checkpoint
+    from omgtool.kernels.lora import AdapterSettings, scaling
 
     base_folder = Path(base_folder)
     base = open_checkpoint(base_folder)
@@ -107,8 +109,10 @@ def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torc
     if parts.lora and alpha_used is None:
         raise InvalidArgument(f"LoRA alpha unknown ({source}); pass --alpha")
     config = dict(config)
-    emb = parts.overrides.get("model.embed_tokens.weight")
-    head = parts.overrides.get("lm_head.weight")
+    llama = load_registry().architecture("llama")
+    emb_name, head_name = llama.weight_with_role("embedding").name, llama.weight_with_role("head").name
+    emb = parts.overrides.get(emb_name)
+    head = parts.overrides.get(head_name)
     if emb is not None or head is not None:
         rows = {t.shape[0] for t in (emb, head) if t is not None}
         if len(rows) > 1:
@@ -119,7 +123,7 @@ def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torc
     def tensors():
         pending = dict(parts.overrides)
         for name, t in llama_tensors(base, pieces, params):
-            if name in ("model.embed_tokens.weight", "lm_head.weight") and name not in pending \
+            if name in (emb_name, head_name) and name not in pending \
                     and t.shape[0] != vocab:
                 raise MismatchError(f"base {name} has {t.shape[0]} rows, the adapter's vocab is {vocab}, "
                                     "and the adapter does not carry this table")
@@ -128,12 +132,13 @@ def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torc
 
     ranks = Counter(a.shape[0] for a, _ in parts.lora.values())
     rank = ranks.most_common(1)[0][0] if ranks else None
+    settings = AdapterSettings.of(adapter_ckpt)
 
     def prepare(model):
         if not parts.lora:
             return model
         cfg = LoraConfig(r=rank, lora_alpha=alpha_used, lora_dropout=0.0, bias="none",
-                         target_modules=sorted(parts.lora),
+                         target_modules=sorted(parts.lora), use_rslora=settings.use_rslora,
                          rank_pattern={n: a.shape[0] for n, (a, _) in parts.lora.items() if a.shape[0] != rank})
         # LoRA layers on the meta device, then the checkpoint's factors assigned (PEFT's own loading
         # path): no random init of factors about to be replaced (1.26B parameters at r=512)
@@ -171,7 +176,8 @@ def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torc
     model, device_map = build_llama(config, tensors(), dtype, placement, prepare=prepare)
     info = ReferenceInfo(base=str(base_folder), base_layout=layout, adapter=str(adapter_ckpt.path),
                          alpha=alpha_used, alpha_source=source, rank=rank,
-                         scale=(alpha_used / rank) if (rank and alpha_used is not None) else None,
+                         scale=scaling(alpha_used, rank, settings.use_rslora)
+                         if (rank and alpha_used is not None) else None,
                          lora_modules=len(parts.lora), lora_pairs=parts.pairs,
                          replaced=sorted(parts.overrides), vocab_size=vocab)
     if len(ranks) > 1:

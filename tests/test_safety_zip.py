@@ -1,0 +1,105 @@
+"""The torch-faithful zip reader (formats/zip_reader.py) against torch's own reader: on
+archives where Python's zipfile and torch's miniz disagree, omgtool reads what torch reads.
+Every archive here is benign (weights only), so torch.load(weights_only=True) is the oracle.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import zipfile
+
+import pytest
+import torch
+
+from omgtool.formats import open_checkpoint
+from omgtool.formats.scan import scan_file
+from omgtool.formats.zip_reader import ZipError, read_zip
+from tests.safety_corpus import _Storage, _Tensor, torch_pickle, torch_zip_entries, two_directory_polyglot, zip_bytes
+
+
+def _variant(value: float, key: str = "0"):
+    sd = collections.OrderedDict(w=_Tensor(_Storage(key, torch.FloatStorage, 4), (4,)))
+    return torch_pickle(sd), struct.pack("<4f", *[value] * 4)
+
+
+A_PKL, A_DATA = _variant(1.0, "0")
+B_PKL, B_DATA = _variant(2.0, "1")
+STORAGE_5 = struct.pack("<4f", *[5.0] * 4)
+
+ARCHIVES = {
+    "duplicate data.pkl, first read": [("archive/data.pkl", A_PKL), ("archive/data/0", A_DATA),
+                                       ("archive/data/1", B_DATA), ("archive/version", b"3\n"),
+                                       ("archive/data.pkl", B_PKL)],
+    "duplicate data.pkl, last read": [("archive/data.pkl", B_PKL), ("archive/data/0", A_DATA),
+                                      ("archive/data/1", B_DATA), ("archive/version", b"3\n"),
+                                      ("archive/data/0", STORAGE_5), ("archive/data.pkl", A_PKL)],
+    "case-insensitive name": [("archive/Data.PKL", A_PKL), ("archive/data/0", A_DATA), ("archive/version", b"3\n")],
+    "duplicate storage": [("archive/data.pkl", A_PKL), ("archive/data/0", A_DATA), ("archive/version", b"3\n"),
+                          ("archive/data/0", STORAGE_5), ("archive/x", b"1"), ("archive/y", b"2")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHIVES))
+def test_reads_what_torch_reads(tmp_path, name):
+    path = tmp_path / "ckpt.pth"
+    path.write_bytes(zip_bytes(ARCHIVES[name]))
+    expected = torch.load(path, weights_only=True)["w"]
+    assert torch.equal(open_checkpoint(path).read("w"), expected)
+
+
+def test_two_central_directories(tmp_path):
+    """zipfile reads the directory before the end record; torch the one the record points to."""
+    path = tmp_path / "poly.pth"
+    b_pkl = B_PKL.replace(b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x000")  # storage key "0" in both
+    path.write_bytes(two_directory_polyglot(torch_zip_entries(A_PKL, A_DATA),
+                                            torch_zip_entries(b_pkl, struct.pack("<4f", *[2.0] * 4))))
+    zf = zipfile.ZipFile(path)
+    assert struct.unpack("<f", zf.read("archive/data/0")[:4])[0] == 2.0  # Python's view
+    torch_view = torch.load(path, weights_only=True)["w"]
+    assert torch_view.tolist() == [1.0] * 4  # torch's view differs
+    assert torch.equal(open_checkpoint(path).read("w"), torch_view)
+    assert scan_file(path).verdict == "safe"  # both views scanned, both benign
+
+
+def test_prepended_data_is_what_torch_refuses(tmp_path):
+    raw = zip_bytes(torch_zip_entries(A_PKL, A_DATA))
+    with pytest.raises(ZipError, match="stated offset"):
+        read_zip(b"PK\x03\x04" + b"\0" * 60 + raw)
+    assert zipfile.ZipFile(__import__("io").BytesIO(b"\0" * 64 + raw)).namelist()  # zipfile copes
+
+
+def test_zip64_archive_from_torch(tmp_path):
+    """torch writes zip64 records for large files; the reader follows the zip64 locator."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", A_PKL)
+        zf.writestr("archive/data/0", A_DATA)
+        zf.writestr("archive/version", b"3\n")
+    raw = buf.getvalue()
+    eocd = raw.rindex(b"PK\x05\x06")
+    _, disk, cd_disk, n_disk, n, cd_size, cd_offset, comment = struct.unpack("<4s4H2LH", raw[eocd:eocd + 22])
+    z64 = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, cd_size, cd_offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, eocd, 1)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path = tmp_path / "z64.pth"
+    path.write_bytes(raw[:eocd] + z64 + locator + end)
+    expected = torch.load(path, weights_only=True)["w"]
+    assert torch.equal(open_checkpoint(path).read("w"), expected)
+
+
+def test_file_opcode_budget_spans_members(tmp_path, monkeypatch):
+    """Many members, each under the per-stream cap, still share one budget per file."""
+    import omgtool.formats.scan as scan
+
+    monkeypatch.setattr(scan, "MAX_FILE_OPCODES", 1000)
+    member = b"\x80\x02" + b"N0" * 400 + b"N."  # about 800 opcodes, benign
+    path = tmp_path / "many.zip"
+    path.write_bytes(zip_bytes([(f"archive/m{i}.pkl", member) for i in range(3)]))
+    result = scan.scan_file(path)
+    assert result.verdict == "unknown"
+    assert result.findings and {f.name for f in result.findings} == {"<scan stopped>"}
+    monkeypatch.setattr(scan, "MAX_FILE_OPCODES", 10_000)
+    assert scan.scan_file(path).verdict == "safe"
