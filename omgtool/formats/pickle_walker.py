@@ -33,6 +33,7 @@ class StorageRef:
     key: str
     location: str
     numel: int
+    extra: tuple = ()  # persistent-id fields past the 5th (legacy files: view_metadata)
 
 
 @dataclass(frozen=True)
@@ -395,4 +396,4 @@ def _persistent_storage(pid, pos) -> StorageRef | Refused:
         raise MalformedPickle(f"persistent id without a storage type at {pos}")
     if not isinstance(numel, int) or numel < 0:
         raise MalformedPickle(f"bad storage size at {pos}")
-    return StorageRef(storage_type.dtype, str(key), str(location), numel)
+    return StorageRef(storage_type.dtype, str(key), str(location), numel, tuple(pid[5:]))
