@@ -7,6 +7,9 @@ pytorch_model*.bin), PEFT adapter folders, DeepSpeed checkpoint folders.
 
 from __future__ import annotations
 
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 from omgtool.errors import UnreadableInput
@@ -43,6 +46,14 @@ def open_file(path: Path) -> Checkpoint:
         return reader(path)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise UnreadableInput(exc.strerror or str(exc), path) from None
+    except _INPUT_FAILURES as exc:  # the last guard: input that broke a library the reader uses
+        raise UnreadableInput(f"unreadable ({type(exc).__name__}: {str(exc)[:200]})", path) from None
+
+
+# What malformed bytes make Python's own parsers raise (zipfile, zlib, struct, codecs, deep or
+# huge values); a reader that meets one unexpectedly still reports exit 2, not exit 4.
+_INPUT_FAILURES = (RecursionError, MemoryError, OverflowError, NotImplementedError, EOFError,
+                   UnicodeError, zipfile.BadZipFile, zlib.error, struct.error)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

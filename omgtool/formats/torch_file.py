@@ -33,7 +33,7 @@ def is_zip(path: Path) -> bool:
 def read_torch_zip(path: Path) -> Checkpoint:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
         raise UnreadableInput(zip_truncation(path) or f"corrupt zip archive ({exc})", path) from None
     with zf:
         infos = zf.infolist()
@@ -117,6 +117,9 @@ def zip_truncation(path: Path) -> str | None:
         data = fh.read(min(size, MAX_PICKLE_BYTES))
     if len(data) < size:
         return None
+    end_record = data.rfind(b"PK\x05\x06", max(0, size - (1 << 16) - 22))
+    if end_record >= 0 and end_record + 22 <= size:
+        return None  # the end of the central directory is there: corrupt, not cut short
     pos, done = 0, {}
     while True:
         sig = data[pos:pos + 4]

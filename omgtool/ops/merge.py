@@ -279,8 +279,10 @@ def _alpha_for(module_path: str, alpha: float, cfg: dict | None, user: bool) -> 
     """PEFT's per-module alpha_pattern (keys matched as `(.*\\.)?KEY$`), unless --alpha was given."""
     if user or not isinstance(cfg, dict):
         return alpha
+    from omgtool.formats.bounded_regex import bounded_match  # linear time: keys are user input
+
     for key, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
+        if bounded_match(rf"(.*\.)?{key}$", module_path):
             return float(value)
     return alpha
 
@@ -292,7 +294,7 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
     from omgtool.formats import open_checkpoint
     from omgtool.formats.dtypes import HF_CONFIG_NAMES, parse_user_dtype
     from omgtool.sizes import parse_size
-    from omgtool.arch.infer import analyze, lora_scaling, resolve_alpha
+    from omgtool.arch.infer import adapter_config, analyze, lora_scaling, resolve_alpha
     from omgtool.arch.mapping import load_registry, template_regex
     from omgtool.formats.resolve import resolve_base
     from omgtool.formats.tokenizer_files import plan_tokens
@@ -308,7 +310,7 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
         raise InvalidArgument(f"{checkpoint}: no family mapping explains this checkpoint's keys; pass --family "
                               f"(one of {', '.join(sorted(registry.families))})")
     dora = [m.key for m in analysis.matches.values() if m.role == "dora_magnitude"]
-    adapter_cfg = ckpt.metadata.get("adapter_config")
+    adapter_cfg = adapter_config(ckpt)  # None unless its values have usable types
     if dora or (isinstance(adapter_cfg, dict) and adapter_cfg.get("use_dora")):
         raise InvalidArgument(f"{checkpoint}: DoRA ({dora[0] if dora else 'adapter_config use_dora'}) is not a "
                               "plain LoRA; its merge needs the magnitude vectors and is refused")
