@@ -129,6 +129,9 @@ def _model_path(root: Any, found, dicts: dict[tuple[str, ...], int]) -> tuple[st
             continue
         if count > best_count or (count == best_count and len(prefix) < len(best)):
             best, best_count = prefix, count
+    model_side = sum(1 for p in paths if _side_group(p) == "extra")
+    if best is not None and 2 * best_count < model_side:
+        return ()  # no dict holds most of the tensors: name them all from the top
     return best
 
 
@@ -141,7 +144,8 @@ def find_tensors(root: Any) -> Layout:
     groups: dict[str, str] = {}
     outside: list[tuple[tuple[str, ...], TensorRef]] = []
     for path, ref in found:
-        if model is not None and path[:len(model)] == model and len(path) > len(model):
+        inside = model is not None and path[:len(model)] == model and len(path) > len(model)
+        if inside and _side_group(path[len(model):]) == "extra":
             tensors[_unique(".".join(path[len(model):]), tensors)] = ref
         else:
             outside.append((path, ref))
@@ -149,7 +153,7 @@ def find_tensors(root: Any) -> Layout:
         name = _unique(".".join(path), tensors)
         tensors[name] = ref
         groups[name] = _side_group(path)
-    container = ".".join(model) if model else None
+    container = ".".join(model) if model else None  # () and None: the top level
     return Layout(tensors, groups, container or None, _metadata(root, model))
 
 
@@ -170,7 +174,7 @@ def _metadata(root: Any, model: tuple[str, ...] | None) -> dict[str, Any]:
         if model_obj is root:
             items = [(k, v) for k, v in _children(root) if not isinstance(v, TensorRef)]
         else:
-            items = list(_children(root))
+            items = [(k, v) for k, v in _children(root) if v is not model_obj]
         return {k: summarize(v, model_obj, budget) for k, v in items[:SUMMARY_ITEMS]}
     if root is None:
         return {}

@@ -1,0 +1,36 @@
+"""The fuzz harness (tests/fuzz) on a short, fixed budget, and every input it ever broke
+omgtool with (tests/fuzz/regressions/, each with its expected exit code). The long run is
+`make fuzz`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import one_line_error, run
+from tests.fuzz.run import run as fuzz
+
+REGRESSIONS = Path(__file__).parent / "fuzz" / "regressions"
+EXPECTED = json.loads((REGRESSIONS / "expected.json").read_text())
+SHORT_CASES = 250
+
+
+def test_short_fuzz_run_is_clean(tmp_path):
+    summary = fuzz(SHORT_CASES, seed=12, work=tmp_path)
+    assert summary.cases == SHORT_CASES
+    assert summary.exits.get(0, 0) > 0 and summary.exits.get(2, 0) > 0  # it reaches both outcomes
+    assert summary.failures == [], [(f.case, f.command, f.problem) for f in summary.failures[:5]]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_regression_file(name):
+    want = EXPECTED[name]
+    path = REGRESSIONS / name
+    for args in (("inspect",), ("inspect", "--json", "--stats")):
+        result = run(*args, path)
+        if want["exit"] == 0:
+            assert result.exit_code == 0, result.output
+        else:
+            one_line_error(result, want["exit"], want["needle"])
