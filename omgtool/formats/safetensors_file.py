@@ -9,6 +9,7 @@ names, NaN, bytes after the last tensor. Duplicate names are refused as ambiguou
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -41,8 +42,11 @@ def _is_u64(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U64_MAX
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _has_surrogate(text: str) -> bool:
-    return any("\ud800" <= c <= "\udfff" for c in text)
+    return not text.isprintable() and _SURROGATE.search(text) is not None  # surrogates are not printable
 
 
 def _bad(message: str, path: Path) -> UnreadableInput:
