@@ -510,3 +510,28 @@ def test_bounded_regex_catastrophic_pattern_is_fast():
 def test_bounded_regex_refuses(pattern):
     with pytest.raises(InvalidArgument):
         bounded_match(pattern, "aaa")
+
+
+def test_duplicate_member_names_refused(tmp_path):
+    import warnings
+
+    good = data_pkl({"w": tensor_entry("0", F32, 2, (2,))})
+    other = data_pkl({"v": tensor_entry("0", F32, 2, (2,))})
+    path = tmp_path / "dup.pth"
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as zf:
+        warnings.simplefilter("ignore")
+        zf.writestr("archive/data.pkl", good)
+        zf.writestr("archive/data.pkl", other)
+        zf.writestr("archive/data/0", _floats(2))
+    _exit(path, 2, "archive/data.pkl twice")
+
+
+def test_local_header_name_differs_from_central_directory(tmp_path):
+    pkl = data_pkl({"w": tensor_entry("0", F32, 2, (2,))})
+    path = write_torch_zip(tmp_path / "n.pth", pkl, {"0": _floats(2)})
+    raw = bytearray(path.read_bytes())
+    local = raw.find(b"archive/data/0")  # the local header's copy of the name comes first in the file
+    assert raw[local - 30:local - 26] == b"PK\x03\x04"
+    raw[local + len("archive/data/")] = ord("9")
+    path.write_bytes(bytes(raw))
+    _exit(path, 2, "names another file")

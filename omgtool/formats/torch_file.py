@@ -37,6 +37,12 @@ def read_torch_zip(path: Path) -> Checkpoint:
         raise UnreadableInput(zip_truncation(path) or f"corrupt zip archive ({exc})", path) from None
     with zf:
         infos = zf.infolist()
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            seen: set[str] = set()
+            dup = next(n for n in names if n in seen or seen.add(n))
+            raise UnreadableInput(f"zip archive holds {dup} twice (torch and Python's zipfile would read "
+                                  "different copies)", path)
         pkl_members = [i for i in infos if i.filename.endswith(".pkl")]
         data_pkl = [i for i in pkl_members if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
         if not data_pkl:
@@ -89,6 +95,9 @@ def read_torch_zip(path: Path) -> Checkpoint:
                 fields = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
                 if fields[0] != b"PK\x03\x04":
                     raise UnreadableInput(f"bad local header of {name}", path)
+                if fh.read(fields[9]) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+                    raise UnreadableInput(f"the local header of {name} names another file than the central "
+                                          "directory", path)
                 return info.header_offset + 30 + fields[9] + fields[10], ref.numel, name
 
             tensors, groups, container, meta = _collect(walked.value, locate, path)

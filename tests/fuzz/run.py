@@ -78,17 +78,25 @@ def _check(result, elapsed: float) -> str | None:
 
 
 def commands(case: Path, original: Path, out: Path) -> list[list[str]]:
+    from tests.fuzz.seeds import ADAPTER_BASE
+    from tests.paths import FINETUNE
+
+    if original.name == "internlm2-base":  # a base model folder: what merge-lora reads of it
+        return [["inspect", str(case), "--json"],
+                ["merge-lora", str(FINETUNE), "--base", str(case), "--dry-run", "--no-hash-base"]]
     cmds = [["inspect", str(case)], ["inspect", str(case), "--json", "--stats"],
             ["diff", str(original), str(case)]]
     if case.is_file():
         cmds.append(["export", str(case), "--to", "safetensors", "--out", str(out), "--force"])
+    if original.name == "adapter":
+        cmds.append(["merge-lora", str(case), "--base", str(ADAPTER_BASE), "--dry-run", "--no-hash-base"])
     return cmds
 
 
 def run(cases: int, seed: int, work: Path, out: Path | None = None, progress: bool = False) -> Summary:
     from omgtool.cli import app
     from tests.fuzz.mutate import mutate
-    from tests.fuzz.seeds import build
+    from tests.fuzz.seeds import BASE_SIDE_FILES, build
 
     runner = CliRunner()
     work.mkdir(parents=True, exist_ok=True)
@@ -102,7 +110,10 @@ def run(cases: int, seed: int, work: Path, out: Path | None = None, progress: bo
         shutil.rmtree(work / "case", ignore_errors=True)
         case.parent.mkdir(parents=True)
         (shutil.copytree if original.is_dir() else shutil.copy)(original, case)
-        target = rng.choice(_files(case))
+        files = _files(case)
+        if original.name == "internlm2-base":
+            files = [f for f in files if f.name in BASE_SIDE_FILES] or files
+        target = rng.choice(files)
         data, names = target.read_bytes(), []
         for _ in range(rng.choice((1, 1, 2, 3))):
             data, how = mutate(rng, target.name, data)

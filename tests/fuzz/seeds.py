@@ -14,9 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tests.paths import TINY
+from tests.paths import BASE, TINY
 
 ADAPTER = TINY / "peft_adapter" / "colllavai-tiny-lora"
+ADAPTER_BASE = TINY / "peft_adapter" / "colllavai-tiny-base"
+# Small side files of the base folder are the ones mutated there (its shards are large).
+BASE_SIDE_FILES = ("config.json", "model.safetensors.index.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
 
 
 def _omg_like() -> "collections.OrderedDict[str, torch.Tensor]":
@@ -71,4 +75,9 @@ def build(root: Path) -> list[Path]:
         shutil.rmtree(adapter)
     shutil.copytree(ADAPTER, adapter)
     seeds.append(adapter)
+    base = root / "internlm2-base"
+    if base.exists():
+        shutil.rmtree(base)
+    shutil.copytree(BASE, base)
+    seeds.append(base)
     return seeds
