@@ -490,11 +490,14 @@ def export_safetensors(path: str | Path, out: str | Path, *, force: bool = False
     from concurrent.futures import ThreadPoolExecutor
 
     from omgtool.formats import open_checkpoint
+    from omgtool.formats.manifest import is_manifest
     from omgtool.formats.writer import atomic_output_dir
     from omgtool.sizes import parse_size
 
     path, out = Path(path), Path(out)
     ckpt = open_checkpoint(path)
+    if is_manifest(ckpt):
+        raise InvalidArgument(f"{path} is a shape manifest: it holds no values to export")
     plan = [_planned(n, t.shape, t.dtype) for n, t in ckpt.tensors.items()]
     if not plan:
         raise InvalidArgument(f"{path}: the checkpoint holds no tensors")

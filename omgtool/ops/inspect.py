@@ -49,7 +49,7 @@ def build_report(path: Path, *, alpha: float | None = None, family: str | None =
         "num_tensors": len(ckpt.tensors),
         "num_params": ckpt.num_params,
         "total_bytes": ckpt.total_bytes,
-        "dtypes": dict(Counter(t.dtype for t in ckpt.tensors.values())),
+        "dtypes": dict(Counter(t.dtype or "unchecked" for t in ckpt.tensors.values())),  # manifests: null
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes,
                      "group": analysis.matches[t.name].group if t.name in analysis.matches else "unexplained",
                      "location": t.location} for t in selected],

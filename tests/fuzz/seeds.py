@@ -75,6 +75,11 @@ def build(root: Path) -> list[Path]:
         shutil.rmtree(adapter)
     shutil.copytree(ADAPTER, adapter)
     seeds.append(adapter)
+    manifest = root / "shapes.json"
+    manifest.write_text(json.dumps({"format_version": 1, "source": "omg_like.pth", "tensors": [
+        {"name": k, "shape": list(v.shape), "dtype": None if i % 3 == 0 else "F32"}
+        for i, (k, v) in enumerate(sd.items())]}))
+    seeds.append(manifest)
     base = root / "internlm2-base"
     if base.exists():
         shutil.rmtree(base)
