@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from omgtool.errors import InvalidArgument, UnreadableInput
+from omgtool.errors import InvalidArgument
 from omgtool.formats import open_checkpoint
 from omgtool.formats.bounded_regex import bounded_match
 from tests.ckpt_builders import data_pkl, tensor_entry, write_torch_zip

@@ -25,11 +25,6 @@ LEGACY_PROTOCOL = 1001
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # 30 bytes
 
 
-def is_zip(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"PK\x03\x04"
-
-
 def read_torch_zip(path: Path) -> Checkpoint:
     try:
         zf = zipfile.ZipFile(path)
