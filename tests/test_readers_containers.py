@@ -165,6 +165,18 @@ def test_npz_and_plain_zip(tmp_path):
     one_line_error(run("inspect", plain), 2, "without data.pkl")
 
 
+def test_keras_archive_and_savedmodel_folder(tmp_path):
+    keras = tmp_path / "model.keras"
+    with zipfile.ZipFile(keras, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n")
+    one_line_error(run("inspect", keras), 2, "Keras")
+    saved = tmp_path / "saved"
+    (saved / "variables").mkdir(parents=True)
+    (saved / "saved_model.pb").write_bytes(b"\x08\x01\x12\x00")
+    one_line_error(run("inspect", saved), 2, "TensorFlow SavedModel")
+
+
 def test_tar_archive(tmp_path):
     import io
     import tarfile

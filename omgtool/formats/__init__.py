@@ -89,6 +89,8 @@ def _open_folder(path: Path) -> Checkpoint:
     if ds is not None:
         ckpt = open_file(ds)
         return _as_folder(ckpt, path, "deepspeed", [ds])
+    if (path / "saved_model.pb").is_file():
+        raise UnreadableInput("not a checkpoint: looks like a TensorFlow SavedModel folder", path)
     raise UnreadableInput("folder holds no model weights (no model.safetensors[.index.json], "
                           "pytorch_model*.bin, adapter_model.*, mm_projector.bin, or DeepSpeed "
                           "mp_rank_00_model_states.pt)",

@@ -41,8 +41,12 @@ def read_torch_zip(path: Path) -> Checkpoint:
         pkl_members = [i for i in infos if i.filename.endswith(".pkl")]
         data_pkl = [i for i in pkl_members if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
         if not data_pkl:
-            npy = any(i.filename.endswith(".npy") for i in infos)
-            what = "a NumPy .npz archive" if npy else "a zip archive without data.pkl"
+            if any(i.filename == "model.weights.h5" for i in infos):
+                what = "a Keras .keras archive"
+            elif any(i.filename.endswith(".npy") for i in infos):
+                what = "a NumPy .npz archive"
+            else:
+                what = "a zip archive without data.pkl"
             raise UnreadableInput(f"not a checkpoint: looks like {what} (not a torch checkpoint)", path)
         main = data_pkl[0]
         prefix = main.filename[: -len("data.pkl")]
