@@ -15,6 +15,7 @@ import argparse
 import collections
 import datetime
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def main() -> None:
                            capture_output=True, text=True)
     whats = json.loads(built.stdout)
     rows = []
+    load0 = os.getloadavg()[0]
     base = measure(OMG + ["inspect", "--json", str(ROOT / "fixtures/tiny/omg_llava_tiny_pretrain.pth")], repeat=3)
     for name, _, extra in CASES:
         path = WORK / name
@@ -135,6 +137,12 @@ def main() -> None:
     for what, size, m in rows:
         lines.append(f"| {what} | {size / 1e6:.1f} MB | {m['rc']} | {m['wall_s']:.2f} | "
                      f"{m['wall_s'] / base['wall_s']:.1f} | {m['peak_rss_mb']:.0f} |")
+    lines += ["", f"Load average during the rows: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+                  "(other engineers' jobs on the same 2 cores).",
+              "The `--stats` row includes importing torch (about 600 MB RSS by itself); the statistics read one "
+              "element, since stride-0 dimensions are collapsed exactly. The many-tensor and wide-metadata rows are "
+              "dominated by the pickle walk (`formats/pickle_walker.py`, whose opcode/metastack caps are issue 11's); "
+              "the header row by family matching and the JSON report of 110,000 tensors."]
     if args.fuzz_cases:
         proc = subprocess.run([sys.executable, "-m", "tests.fuzz.run", "--cases", str(args.fuzz_cases), "--seed",
                                str(args.fuzz_seed)], cwd=ROOT, capture_output=True, text=True)

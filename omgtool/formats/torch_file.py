@@ -151,8 +151,9 @@ def zip_truncation(path: Path) -> str | None:
         if flags & 0x08:  # sizes follow the data, in a descriptor
             desc = data.find(b"PK\x07\x08", start)
             if desc < 0:
-                need = start + _expected_member_size(name, done, data)
-                rest = _expected_rest(name, done, data)
+                sizes = _storage_sizes(done, data)
+                need = start + sizes.get(name, 0)
+                rest = _still_to_come(name, done, sizes)
                 return truncated(max(need, size + 1) + rest, size, f"the file ends inside member {name}",
                                  at_least=True)
             zip64 = desc + 24 <= size and int.from_bytes(data[desc + 8:desc + 16], "little") == desc - start
@@ -164,7 +165,7 @@ def zip_truncation(path: Path) -> str | None:
                     return None
             end = pos = start + compressed
             if end > size:
-                return truncated(end + _expected_rest(name, done, data), size,
+                return truncated(end + _still_to_come(name, done, _storage_sizes(done, data)), size,
                                  f"member {name} ends past the end of the file", at_least=True)
         done[name] = (start, end)
 
@@ -200,12 +201,8 @@ def _storage_sizes(done: dict, data: bytes) -> dict[str, int]:
             for _, r in refs}
 
 
-def _expected_member_size(name: str, done: dict, data: bytes) -> int:
-    return _storage_sizes(done, data).get(name, 0)
-
-
-def _expected_rest(name: str, done: dict, data: bytes) -> int:
-    sizes = _storage_sizes(done, data)
+def _still_to_come(name: str, done: dict, sizes: dict[str, int]) -> int:
+    """Bytes of the storages after member `name` that the file never reached."""
     return sum(n for member, n in sizes.items() if member not in done and member != name)
 
 
