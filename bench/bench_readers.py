@@ -149,7 +149,8 @@ def main() -> None:
         summary = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])
         lines += ["", f"Long fuzz run: `python -m tests.fuzz.run --cases {args.fuzz_cases} --seed {args.fuzz_seed}` "
                       f"(`make fuzz`): {summary['cases']} cases, {summary['commands']} commands (inspect, "
-                      f"inspect --json --stats, diff, export --to safetensors), exits {summary['exits']}, "
+                      f"inspect --json --stats, diff, export --to safetensors; merge-lora --dry-run on the adapter "
+                      f"and base-folder seeds), exits {summary['exits']}, "
                       f"**{summary['failures']} failures**, {summary['seconds']} s, slowest command "
                       f"{summary['slowest_s']} s, fuzzer process peak RSS {summary['peak_rss_mb']} MB."]
     args.out.write_text("\n".join(lines) + "\n")
