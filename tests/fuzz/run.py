@@ -4,7 +4,8 @@
 
 Each case copies one seed (tests/fuzz/seeds.py), mutates one of its files 1-3 times
 (tests/fuzz/mutate.py) and runs `inspect`, `inspect --json --stats`, `diff SEED CASE`
-and `export --to safetensors` on it. The contract checked: exit 0-3, and on exit 2/3
+and `export --to safetensors` on it (`merge-lora --dry-run` for the adapter seed, and
+with a mutated base folder as `--base`). The contract checked: exit 0-3, and on exit 2/3
 exactly one `error:` line and no traceback; each command under the time limit; the
 process's peak RSS never more than the memory limit above its starting peak. A case
 that breaks it is kept under --out (input + what happened) to be turned into a
