@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test wheel bench-report clean fixtures
+.PHONY: venv demo test wheel bench-report clean fixtures fuzz
 
 venv: $(STAMP)
 
@@ -31,6 +31,13 @@ test: $(STAMP)
 # A wheel for real installs (pip install dist/omgtool-*.whl); the mappings ship inside it.
 wheel: $(STAMP)
 	$(PY) -m pip wheel . --no-deps -q -w dist
+
+# The long fuzz run (the short one is part of `make test`); failures are kept under FUZZ_OUT.
+FUZZ_CASES ?= 20000
+FUZZ_SEED ?= 1
+FUZZ_OUT ?= /tmp/omgtool-fuzz-failures
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.run --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --out $(FUZZ_OUT)
 
 fixtures: $(STAMP)
 	$(PY) -m fixtures.generate --out fixtures/tiny

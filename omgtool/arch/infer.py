@@ -15,6 +15,7 @@ from omgtool.errors import InvalidArgument
 from omgtool.formats.base import Checkpoint
 from omgtool.arch.mapping import (ArchitectureMapping, FamilyMapping, KeyMatch, Registry, load_registry, match_keys,
                                   split_peft)
+from omgtool.formats.config_values import usable_adapter_config
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,20 @@ def detect_family(keys: list[str], ckpt: Checkpoint | None, registry: Registry,
 
 
 def _has_adapter_config(ckpt: Checkpoint | None) -> bool:
-    return bool(ckpt is not None and isinstance(ckpt.metadata.get("adapter_config"), dict))
+    return adapter_config(ckpt) is not None
+
+
+def adapter_config(ckpt: Checkpoint | None) -> dict | None:
+    """The adapter_config.json read beside the weights, if its values have usable types."""
+    return usable_adapter_config(ckpt.metadata.get("adapter_config")) if ckpt is not None else None
+
+
+def adapter_settings(ckpt: Checkpoint | None):
+    """The LoRA-meaning entries (omgtool.kernels.lora.AdapterSettings) of a checkpoint's
+    adapter_config.json, when its values have usable types; else the defaults."""
+    from omgtool.kernels.lora import AdapterSettings
+
+    return AdapterSettings.from_config(adapter_config(ckpt))
 
 
 def find_lora_pairs(matches: dict[str, KeyMatch]) -> tuple[list[LoraPair], list[str]]:
@@ -95,8 +109,8 @@ def resolve_alpha(family: FamilyMapping | None, ckpt: Checkpoint | None,
     if family is None or family.lora is None:
         return None, "unknown: no family mapping gives a LoRA alpha; pass --alpha"
     if family.lora.alpha_from == "adapter_config":
-        cfg = ckpt.metadata.get("adapter_config") if ckpt else None
-        if isinstance(cfg, dict) and "lora_alpha" in cfg:
+        cfg = adapter_config(ckpt)
+        if isinstance(cfg, dict) and cfg.get("lora_alpha") is not None:
             return float(cfg["lora_alpha"]), "checkpoint (adapter_config.json lora_alpha)"
         if not isinstance(cfg, dict):
             return None, "unknown: no adapter_config.json was read (open the run folder); pass --alpha"
@@ -107,11 +121,13 @@ def resolve_alpha(family: FamilyMapping | None, ckpt: Checkpoint | None,
 def analyze(ckpt: Checkpoint, registry: Registry | None = None, family: str | None = None,
             alpha: float | None = None) -> Analysis:
     registry = registry or load_registry()
-    keys = list(ckpt.tensors)
+    # Tensors outside the model's state dict (optimizer state, EMA copies) keep their own groups
+    # and take no part in family inference.
+    keys = [k for k in ckpt.tensors if k not in ckpt.groups]
     fam, matches, unexplained = detect_family(keys, ckpt, registry, family)
     groups: dict[str, list[str]] = defaultdict(list)
-    for key in keys:
-        groups[matches[key].group if key in matches else "unexplained"].append(key)
+    for key in ckpt.tensors:
+        groups[matches[key].group if key in matches else ckpt.groups.get(key, "unexplained")].append(key)
     pairs, notes = find_lora_pairs(matches)
     if any(m.role == "dora_magnitude" for m in matches.values()):
         notes.append("DoRA magnitude vectors present: this is DoRA, not plain LoRA (merge refused)")
@@ -176,7 +192,13 @@ def lora_run_evidence(family: FamilyMapping, matches: dict[str, KeyMatch], pairs
 
 def lora_summary(ckpt: Checkpoint, fam: FamilyMapping, pairs: list[LoraPair], alpha_override,
                  notes: list[str]) -> dict[str, Any]:
-    ranks = Counter(ckpt.tensors[p.a_key].shape[0] for p in pairs)
+    shaped = [p for p in pairs if len(ckpt.tensors[p.a_key].shape) == 2 and ckpt.tensors[p.a_key].shape[0] > 0]
+    if len(shaped) < len(pairs):
+        notes.append(f"{len(pairs) - len(shaped)} LoRA A factors are not [rank > 0, in] matrices")
+    if not shaped:
+        return {"rank": None, "alpha": None, "alpha_source": "unknown: no usable LoRA factors",
+                "scale": None, "targets": [], "num_pairs": len(pairs), "components": []}
+    ranks = Counter(ckpt.tensors[p.a_key].shape[0] for p in shaped)
     rank = ranks.most_common(1)[0][0]
     if len(ranks) > 1:
         notes.append(f"LoRA ranks differ between modules: {dict(ranks)} (rank_pattern)")
@@ -190,14 +212,16 @@ def lora_summary(ckpt: Checkpoint, fam: FamilyMapping, pairs: list[LoraPair], al
         "num_pairs": len(pairs),
         "components": sorted({p.component for p in pairs}),
     }
-    cfg = ckpt.metadata.get("adapter_config")
+    cfg = adapter_config(ckpt)
     if isinstance(cfg, dict):
         out["adapter_config"] = {k: cfg.get(k) for k in ADAPTER_CONFIG_FIELDS if k in cfg}
-        if cfg.get("r") is not None and int(cfg["r"]) != rank:
+        if cfg.get("r") is not None and cfg["r"] != rank:
             notes.append(f"adapter_config.json says r={cfg['r']} but the LoRA factors have rank {rank}")
         for key in ("alpha_pattern", "rank_pattern"):
             if cfg.get(key):
-                notes.append(f"adapter_config.json has a per-module {key}: {cfg[key]}")
+                shown = ", ".join(f"{k}: {v}" for k, v in list(cfg[key].items())[:10])
+                more = f" and {len(cfg[key]) - 10} more" if len(cfg[key]) > 10 else ""
+                notes.append(f"adapter_config.json has a per-module {key}: {{{shown}}}{more}")
         if cfg.get("use_dora"):
             notes.append("adapter_config.json sets use_dora: this is DoRA, not plain LoRA (merge refused)")
     return out
@@ -211,9 +235,9 @@ ADAPTER_CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_m
 
 def lora_scaling(alpha: float, rank: int, ckpt: Checkpoint | None = None) -> float:
     """The checkpoint's LoRA scaling for `rank` (omgtool.kernels.lora says what it means)."""
-    from omgtool.kernels.lora import AdapterSettings, scaling
+    from omgtool.kernels.lora import scaling
 
-    return scaling(alpha, rank, AdapterSettings.of(ckpt).use_rslora)
+    return scaling(alpha, rank, adapter_settings(ckpt).use_rslora)
 
 
 def collect_dims(ckpt: Checkpoint, comp_matches: list[KeyMatch]) -> tuple[dict[str, int], list[str]]:
@@ -254,9 +278,16 @@ def _num_layers(dims, arch: ArchitectureMapping, matches: list[KeyMatch], notes)
     layers = sorted({m.layer for m in matches if m.layer is not None})
     if not layers:
         return {"num_layers": None}
-    missing = sorted(set(range(layers[-1] + 1)) - set(layers))
-    if missing:
-        notes.append(f"layers missing from the checkpoint: {missing}")
+    missing_count = layers[-1] + 1 - len(layers)
+    if missing_count:
+        missing, expected = [], 0  # the first few gaps, without building range(top layer)
+        for layer in layers:
+            missing.extend(range(expected, min(layer, expected + 20 - len(missing))))
+            expected = layer + 1
+            if len(missing) >= 20:
+                break
+        more = f" and {missing_count - len(missing)} more" if missing_count > len(missing) else ""
+        notes.append(f"layers missing from the checkpoint: {missing}{more}")
     return {"num_layers": layers[-1] + 1}
 
 

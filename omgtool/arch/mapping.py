@@ -347,7 +347,7 @@ class KeyMatch:
 
 def template_regex(template: str) -> re.Pattern:
     parts = re.split(r"(\{layer\})", template)
-    body = "".join("(?P<layer>\\d+)" if p == "{layer}" else re.escape(p) for p in parts)
+    body = "".join("(?P<layer>[0-9]{1,9})" if p == "{layer}" else re.escape(p) for p in parts)
     return re.compile(f"^{body}$")
 
 

@@ -109,8 +109,8 @@ def err():
 
 
 def emit_json(obj: Any) -> None:
-    """The one JSON object a command prints on stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    json.dump(obj, sys.stdout, indent=2, default=str)  # streamed: no whole-document string in memory
+    sys.stdout.write("\n")
     sys.stdout.flush()
     state.json_emitted = True
 

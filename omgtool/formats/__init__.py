@@ -7,12 +7,15 @@ pytorch_model*.bin), PEFT adapter folders, DeepSpeed checkpoint folders.
 
 from __future__ import annotations
 
-import json
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 from omgtool.errors import UnreadableInput
 from omgtool.formats.base import Checkpoint, SafetyReport, TensorInfo
-from omgtool.formats.jsonfile import read_json_object
+from omgtool.formats.config_values import check_adapter_config, check_model_config
+from omgtool.formats.jsonfile import parse_json, read_capped, read_json_object
 
 __all__ = ["Checkpoint", "SafetyReport", "TensorInfo", "open_checkpoint", "open_file"]
 
@@ -45,29 +48,30 @@ def open_file(path: Path) -> Checkpoint:
 
 
 def _read_file(path: Path) -> Checkpoint:
+    """Read one file; the reader is chosen by content (formats.sniff), not by the suffix."""
     from omgtool.formats.safetensors_file import read_safetensors
-    from omgtool.formats.torch_file import is_zip, read_torch_legacy, read_torch_zip
+    from omgtool.formats.sniff import sniff
+    from omgtool.formats.torch_file import read_torch_legacy, read_torch_zip
 
     try:
-        if path.stat().st_size == 0:
-            raise UnreadableInput("file is empty", path)
-        if path.suffix == ".safetensors":
-            return read_safetensors(path)
-        if path.suffix.lower() == ".json":  # a shape manifest ({format_version, tensors})
+        kind = sniff(path)
+        if kind == "json":  # a shape manifest ({format_version, tensors})
             from omgtool.formats.manifest import read_manifest
 
             return read_manifest(path)
-        if is_zip(path):
-            return read_torch_zip(path)
-        with open(path, "rb") as fh:
-            first = fh.read(2)
-        if first[:1] == b"\x80":
-            return read_torch_legacy(path)
-        if len(first) == 2 and first != b"PK":  # safetensors without the suffix: 8-byte length
-            return read_safetensors(path)
-        raise UnreadableInput("not a recognised checkpoint format", path)
+        reader = {"torch-zip": read_torch_zip, "torch-legacy": read_torch_legacy,
+                  "safetensors": read_safetensors}[kind]
+        return reader(path)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise UnreadableInput(exc.strerror or str(exc), path) from None
+    except _INPUT_FAILURES as exc:  # the last guard: input that broke a library the reader uses
+        raise UnreadableInput(f"unreadable ({type(exc).__name__}: {str(exc)[:200]})", path) from None
+
+
+# What malformed bytes make Python's own parsers raise (zipfile, zlib, struct, codecs, deep or
+# huge values); a reader that meets one unexpectedly still reports exit 2, not exit 4.
+_INPUT_FAILURES = (RecursionError, MemoryError, OverflowError, NotImplementedError, EOFError,
+                   UnicodeError, zipfile.BadZipFile, zlib.error, struct.error)
 
 
 def open_checkpoint(path: str | Path, allow_globals=None, refuse_unsafe: bool | None = None) -> Checkpoint:
@@ -110,6 +114,8 @@ def _open_folder(path: Path) -> Checkpoint:
     if ds is not None:
         ckpt = open_file(ds)
         return _as_folder(ckpt, path, "deepspeed", [ds])
+    if (path / "saved_model.pb").is_file():
+        raise UnreadableInput("not a checkpoint: looks like a TensorFlow SavedModel folder", path)
     raise UnreadableInput("folder holds no model weights (no model.safetensors[.index.json], "
                           "pytorch_model*.bin, adapter_model.*, mm_projector.bin, or DeepSpeed "
                           "mp_rank_00_model_states.pt)",
@@ -135,7 +141,12 @@ def _deepspeed_file(path: Path) -> Path | None:
         return path / DEEPSPEED_FILE
     latest = path / "latest"
     if latest.is_file():
-        tag = latest.read_text().strip()
+        try:
+            tag = read_capped(latest, 4096).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise UnreadableInput("'latest' is not a text file naming a checkpoint folder", path) from None
+        if not tag or Path(tag).is_absolute() or ".." in Path(tag).parts or "\x00" in tag:
+            raise UnreadableInput(f"'latest' names {tag[:60]!r}, not a folder inside {path.name}", path)
         candidate = path / tag / DEEPSPEED_FILE
         if not candidate.is_file():
             raise UnreadableInput(f"'latest' names {tag} but {tag}/{DEEPSPEED_FILE} is missing", path)
@@ -154,18 +165,46 @@ def _as_folder(ckpt: Checkpoint, folder: Path, fmt: str, files: list[Path]) -> C
 
 def _folder_configs(folder: Path) -> dict:
     out = {}
-    for name in ("config.json", "adapter_config.json"):
+    checks = {"config.json": check_model_config, "adapter_config.json": check_adapter_config}
+    for name, check in checks.items():
         if (folder / name).is_file():
-            out[name.removesuffix(".json")] = read_json_object(folder / name)
+            cfg = read_json_object(folder / name)
+            problem = check(cfg)
+            if problem:
+                raise UnreadableInput(problem, folder)
+            out[name.removesuffix(".json")] = cfg
     return out
 
 
+def _read_index(folder: Path, index_path: Path) -> dict[str, str]:
+    """The index's weight_map, every value a shard path that stays inside `folder`."""
+    index = parse_json(read_capped(index_path), index_path.name, folder)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UnreadableInput(f"{index_path.name} is malformed (no weight_map object)", folder)
+    root = folder.resolve()
+    checked: set[str] = set()
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise UnreadableInput(f"{index_path.name}: {name} maps to {str(shard)[:40]!r}, not a file name", folder)
+        if shard in checked:
+            continue
+        target = Path(shard)
+        if target.is_absolute() or ".." in target.parts or "\x00" in shard:
+            raise UnreadableInput(f"{index_path.name}: shard {shard!r} is not a path inside the folder", folder)
+        try:
+            inside = (folder / target).resolve().is_relative_to(root)
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if not inside:
+            raise UnreadableInput(f"{index_path.name}: shard {shard!r} leads outside the folder "
+                                  "(a symlink?)", folder)
+        checked.add(shard)
+    return weight_map
+
+
 def _open_sharded(folder: Path, index_path: Path) -> Checkpoint:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map: dict[str, str] = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UnreadableInput(f"{index_path.name} is malformed ({exc})", folder) from None
+    weight_map = _read_index(folder, index_path)
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = folder / shard

@@ -12,7 +12,7 @@ from omgtool.errors import Finding, UnreadableInput
 from omgtool.formats.dtypes import ITEMSIZE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a 100k-tensor header costs half the memory
 class TensorInfo:
     """Where one tensor's bytes live. No tensor data is read to build this."""
 
@@ -78,6 +78,8 @@ class Checkpoint:
     container: str | None = None  # wrapper key the state dict sat under ("module", "state_dict")
     metadata: dict[str, Any] = field(default_factory=dict)  # non-tensor entries, configs
     files: list[Path] = field(default_factory=list)  # every file the tensors live in
+    # tensors outside the model's state dict -> their group ("optimizer", "scheduler", "extra")
+    groups: dict[str, str] = field(default_factory=dict)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
     def __contains__(self, name: str) -> bool:
@@ -149,14 +151,56 @@ class Checkpoint:
         self.close()
 
 
+INT64_MAX = (1 << 63) - 1
+MAX_NDIM = 64
+
+
+def printable_name(text: str) -> str:
+    """`text` with lone surrogates and control characters escaped (`\\ud800`, `\\n`), so a name
+    from a hostile file can always be printed, written as JSON, or put in an error line."""
+    if text.isprintable():  # lone surrogates (category Cs) are not printable either
+        return text
+    return "".join(c if c.isprintable() and not "\ud800" <= c <= "\udfff"
+                   else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_geometry(info: TensorInfo, ckpt_path: Path) -> None:
+    """Everything torch's `as_strided` and allocator would reject, refused before they see it:
+    unknown dtypes, negative or non-integer sizes, strides and offsets, stride/shape length
+    mismatch, element counts or byte sizes past int64, a view past its storage."""
+    name = info.name
+    if info.dtype not in ITEMSIZE:
+        raise UnreadableInput(f"tensor {name} has unknown dtype {info.dtype}", ckpt_path)
+    itemsize = ITEMSIZE[info.dtype]
+    if len(info.shape) > MAX_NDIM:
+        raise UnreadableInput(f"tensor {name} has {len(info.shape)} dimensions (more than {MAX_NDIM})",
+                              ckpt_path)
+    values = [*info.shape, *info.strides, info.storage_offset, info.storage_numel]
+    if not all(_is_int(v) for v in values):
+        raise UnreadableInput(f"tensor {name} has a non-integer size, stride or offset", ckpt_path)
+    if any(v < 0 for v in values):
+        raise UnreadableInput(f"tensor {name} has a negative size, stride or offset (shape "
+                              f"{list(info.shape)}, stride {list(info.strides)}, offset "
+                              f"{info.storage_offset})", ckpt_path)
+    if len(info.strides) != len(info.shape):
+        raise UnreadableInput(f"tensor {name} has {len(info.shape)} sizes but {len(info.strides)} strides",
+                              ckpt_path)
+    if info.numel * itemsize > INT64_MAX or info.storage_numel * itemsize > INT64_MAX:
+        raise UnreadableInput(f"tensor {name} is too large: shape {list(info.shape)} of {info.dtype} "
+                              f"overflows int64 bytes", ckpt_path)
+    if info.extent() > info.storage_numel:
+        raise UnreadableInput(
+            f"storage {info.storage_key or '?'} holds {info.storage_numel} elements but tensor "
+            f"{name} (shape {list(info.shape)}, stride {list(info.strides)}, offset "
+            f"{info.storage_offset}) needs {info.extent()}", ckpt_path)
+    if info.storage_offset * itemsize > INT64_MAX:
+        raise UnreadableInput(f"tensor {name} has an offset past int64 bytes", ckpt_path)
+
+
 def check_extents(ckpt_path: Path, tensors: dict[str, TensorInfo]) -> None:
     for info in tensors.values():
-        if info.dtype not in ITEMSIZE:
-            raise UnreadableInput(f"tensor {info.name} has unknown dtype {info.dtype}", ckpt_path)
-        if any(s < 0 for s in info.shape) or info.storage_offset < 0:
-            raise UnreadableInput(f"tensor {info.name} has a negative size or offset", ckpt_path)
-        if info.extent() > info.storage_numel:
-            raise UnreadableInput(
-                f"storage {info.storage_key or '?'} holds {info.storage_numel} elements but tensor "
-                f"{info.name} (shape {list(info.shape)}, stride {list(info.strides)}, offset "
-                f"{info.storage_offset}) needs {info.extent()}", ckpt_path)
+        check_geometry(info, ckpt_path)

@@ -8,15 +8,15 @@ and no values: `read()` refuses. A tensor's `dtype` may be null, meaning "not ch
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omgtool.errors import InvalidArgument, UnreadableInput
-from omgtool.formats.base import Checkpoint, SafetyReport, TensorInfo
+from omgtool.formats.base import MAX_NDIM, Checkpoint, SafetyReport, TensorInfo
 from omgtool.formats.dtypes import ITEMSIZE
+from omgtool.formats.jsonfile import parse_json
 
 SUPPORTED_VERSIONS = (1,)
 MAX_MANIFEST_BYTES = 100_000_000
@@ -61,9 +61,7 @@ def read_manifest(path: Path) -> ManifestCheckpoint:
         size = path.stat().st_size
         if size > MAX_MANIFEST_BYTES:
             raise UnreadableInput(f"JSON file of {size} bytes is too large for a manifest", path)
-        obj = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnreadableInput(f"not valid JSON ({exc})", path) from None
+        obj = parse_json(path.read_bytes(), "JSON file", path)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise UnreadableInput(exc.strerror or str(exc), path) from None
     return manifest_from_object(obj, path)
@@ -89,16 +87,19 @@ def manifest_from_object(obj: Any, path: Path) -> ManifestCheckpoint:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise UnreadableInput(f"manifest entry {i} has no name", path)
         name = entry["name"]
+        if not name.isprintable():
+            raise UnreadableInput(f"manifest entry {i}: name {ascii(name)[:80]} holds control characters or "
+                                  "lone surrogates (omgtool writes such names escaped)", path)
         shape = entry.get("shape")
-        if not (isinstance(shape, list)
-                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
+                and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 63 for s in shape)):
             raise UnreadableInput(f"manifest entry {name}: shape must be a list of non-negative "
                                   f"integers, got {shape!r}", path)
         if "dtype" not in entry:
             raise UnreadableInput(f"manifest entry {name} has no dtype (use null for 'not checked')",
                                   path)
         dtype = entry["dtype"]
-        if dtype is not None and dtype not in ITEMSIZE:
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in ITEMSIZE):
             raise UnreadableInput(f"manifest entry {name}: unknown dtype {dtype!r} (use a safetensors "
                                   f"name such as F32, BF16, or null)", path)
         if name in tensors:

@@ -69,6 +69,7 @@ class StorageRef:
     key: str
     location: str
     numel: int
+    extra: tuple = ()  # persistent-id fields past the 5th (legacy files: view_metadata)
 
 
 @dataclass(frozen=True)
@@ -852,7 +853,7 @@ def _persistent(m, pid):
         raise MalformedPickle("persistent id without a storage type")
     if not isinstance(numel, int) or numel < 0:
         raise MalformedPickle("bad storage size")
-    return StorageRef(storage_type.dtype, str(key), str(location), numel)
+    return StorageRef(storage_type.dtype, str(key), str(location), numel, tuple(pid[5:]))
 
 
 def _op_proto(m):

@@ -79,7 +79,10 @@ def added_tokens(folder: Path) -> dict[int, dict[str, Any]]:
     folder = Path(folder)
     cfg = read_json_object(folder / "tokenizer_config.json", missing_ok=True)
     out: dict[int, dict[str, Any]] = {}
-    for key, entry in (cfg.get("added_tokens_decoder") or {}).items():
+    decoder = cfg.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise UnreadableInput("tokenizer_config.json added_tokens_decoder is not an object", folder)
+    for key, entry in decoder.items():
         try:
             idx = int(key)
         except ValueError:

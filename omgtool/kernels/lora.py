@@ -14,9 +14,11 @@ the numerics only.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from omgtool.errors import InvalidArgument
+from omgtool.kernels.bounded_regex import bounded_match
 
 DEFAULT_CHUNK_ROWS = 8192
 EMBEDDING_MARK = ".lora_embedding_"  # PEFT names an embedding LoRA's factors lora_embedding_{A,B}
@@ -42,20 +44,18 @@ class AdapterSettings:
                    alpha_pattern=dict(cfg.get("alpha_pattern") or {}), rank_pattern=dict(cfg.get("rank_pattern") or {}),
                    use_dora=bool(cfg.get("use_dora")))
 
-    @classmethod
-    def of(cls, ckpt) -> "AdapterSettings":
-        """From a checkpoint's adapter_config.json (PEFT adapter folders), else the defaults."""
-        return cls.from_config(ckpt.metadata.get("adapter_config") if ckpt is not None else None)
 
 
 def scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    if rank <= 0:
+        raise InvalidArgument(f"LoRA rank {rank}: a LoRA factor has no rows")
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def _pattern_value(module_path: str, pattern: Mapping[str, Any]):
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
+        if bounded_match(rf"(.*\.)?{key}$", module_path):  # linear time: keys are user input
             return value
     return None
 

@@ -219,7 +219,8 @@ def plan_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, *,
     from omgtool.arch.convert import conversion_between, convert_name, head_params, role_target
     from omgtool.arch.infer import analyze, resolve_alpha
     from omgtool.formats import open_checkpoint
-    from omgtool.kernels.lora import AdapterSettings, is_transposed, module_scale
+    from omgtool.arch.infer import adapter_settings
+    from omgtool.kernels.lora import is_transposed, module_scale
     from omgtool.kernels.transforms import transform_shapes
 
     ckpt_path, base_llama, out = Path(ckpt_path), Path(base_llama), Path(out)
@@ -237,7 +238,7 @@ def plan_peft(ckpt_path: str | Path, base_llama: str | Path, out: str | Path, *,
     alpha_value, alpha_source = resolve_alpha(analysis.family, ckpt, alpha)
     if alpha_value is None:
         raise InvalidArgument(alpha_source)
-    settings = AdapterSettings.of(ckpt)
+    settings = adapter_settings(ckpt)
     if settings.alpha_pattern and alpha is None:
         raise InvalidArgument(f"{ckpt_path}: the source adapter has a per-module alpha_pattern, which export "
                               "does not translate to the Llama module names; pass --alpha to use one alpha")
@@ -439,11 +440,14 @@ def plan_safetensors(path: str | Path, out: str | Path, *, max_shard_size: str |
     Unsafe pickles are refused by the reader (UnsafeInput, exit 3) before anything is written.
     """
     from omgtool.formats import open_checkpoint
+    from omgtool.formats.manifest import is_manifest
     from omgtool.plan.execute import pending_sha256
     from omgtool.sizes import parse_size
 
     path, out = Path(path), Path(out)
     ckpt = open_checkpoint(path)
+    if is_manifest(ckpt):
+        raise InvalidArgument(f"{path} is a shape manifest: it holds no values to export")
     if not ckpt.tensors:
         raise InvalidArgument(f"{path}: the checkpoint holds no tensors")
     single = out.suffix == ".safetensors"

@@ -14,7 +14,10 @@ from typing import Any
 from omgtool.progress import NULL_PROGRESS, Progress
 
 MANIFEST_VERSION = 1
-STATS_CHUNK = 1 << 24  # elements per chunk for --stats
+STATS_CHUNK = 1 << 20  # elements per block for --stats (8 MiB as float64)
+# A view may repeat its storage (stride 0 is collapsed exactly); past this many elements read
+# per stored element (overlapping strides) its statistics are skipped, not computed for hours.
+MAX_VIEW_REPEAT = 4
 
 
 def build_report(path: Path, *, alpha: float | None = None, family: str | None = None,
@@ -25,11 +28,13 @@ def build_report(path: Path, *, alpha: float | None = None, family: str | None =
     from omgtool.formats import open_checkpoint
     from omgtool.arch.infer import analyze
     from omgtool.arch.mapping import group_descriptions, load_registry
+    from omgtool.formats.containers import GROUP_DESCRIPTIONS
 
     ckpt = open_checkpoint(path, allow_globals=allow_globals, refuse_unsafe=refuse_unsafe)
     registry = load_registry()
     analysis = analyze(ckpt, registry, family=family, alpha=alpha)
-    descriptions = group_descriptions(analysis.family, registry) if analysis.family else {}
+    descriptions = dict(GROUP_DESCRIPTIONS)
+    descriptions.update(group_descriptions(analysis.family, registry) if analysis.family else {})
     selected = [t for t in ckpt.tensors.values()
                 if name_filter is None or fnmatch.fnmatchcase(t.name, name_filter)]
     groups = {}
@@ -45,7 +50,7 @@ def build_report(path: Path, *, alpha: float | None = None, family: str | None =
         "num_tensors": len(ckpt.tensors),
         "num_params": ckpt.num_params,
         "total_bytes": ckpt.total_bytes,
-        "dtypes": dict(Counter(t.dtype for t in ckpt.tensors.values())),
+        "dtypes": dict(Counter(t.dtype or "unchecked" for t in ckpt.tensors.values())),  # manifests: null
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes,
                      "group": analysis.matches[t.name].group if t.name in analysis.matches else "unexplained",
                      "location": t.location} for t in selected],
@@ -63,55 +68,100 @@ def build_report(path: Path, *, alpha: float | None = None, family: str | None =
     return report, ckpt, analysis
 
 
+def _blocks(t, block: int):
+    """`t`'s elements in blocks of at most `block`, never materialising a non-contiguous view
+    whole (reshape(-1) of a strided view copies it)."""
+    if t.is_contiguous():
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), block):
+            yield flat[start:start + block]
+        return
+    if t.dim() == 0 or t.numel() <= block:
+        yield t.reshape(-1)
+        return
+    inner = max(1, t[0].numel())
+    rows = max(1, block // inner)
+    for start in range(0, t.shape[0], rows):
+        part = t[start:start + rows]
+        if part.numel() <= block or part.shape[0] > 1:
+            yield part.reshape(-1)
+        else:
+            yield from _blocks(part[0], block)
+
+
+def _collapse_broadcast(t):
+    """(view without its stride-0 dimensions, how many times each element repeats): the
+    statistics of the two are the same, counts scale by the repeat."""
+    repeat = 1
+    for dim in range(t.dim()):
+        if t.stride(dim) == 0 and t.shape[dim] > 1:
+            repeat *= t.shape[dim]
+            t = t.narrow(dim, 0, 1)
+    return t, repeat
+
+
 def tensor_stats(ckpt, names: list[str], progress: Progress = NULL_PROGRESS) -> dict[str, dict[str, Any]]:
-    """min/max/mean/std and NaN/Inf/zero counts, one tensor and one chunk at a time
+    """min/max/mean/std and NaN/Inf/zero counts, one tensor and one block at a time
     (progress: one task, bytes advanced after each tensor)."""
     import torch
 
     progress.task("stats", total=sum(ckpt.tensors[n].nbytes for n in names))
     out: dict[str, dict[str, Any]] = {}
-    if True:
-        for name in names:
-            t = ckpt.read(name).reshape(-1)
-            n = t.numel()
-            acc = {"min": float("inf"), "max": float("-inf"), "sum": 0.0, "sumsq": 0.0,
-                   "nan": 0, "inf": 0, "zeros": 0, "finite": 0}
-            for start in range(0, n, STATS_CHUNK):
-                chunk = t[start:start + STATS_CHUNK].to(torch.float64)
-                finite = torch.isfinite(chunk)
-                acc["nan"] += int(torch.isnan(chunk).sum())
-                acc["inf"] += int(torch.isinf(chunk).sum())
-                acc["zeros"] += int((chunk == 0).sum())
-                vals = chunk[finite]
-                if vals.numel():
-                    acc["finite"] += vals.numel()
-                    acc["min"] = min(acc["min"], float(vals.min()))
-                    acc["max"] = max(acc["max"], float(vals.max()))
-                    acc["sum"] += float(vals.sum())
-                    acc["sumsq"] += float((vals * vals).sum())
-                del chunk, finite, vals
-            k = acc["finite"]
-            mean = acc["sum"] / k if k else None
-            var = max(acc["sumsq"] / k - mean * mean, 0.0) if k else None
-            out[name] = {"min": acc["min"] if k else None, "max": acc["max"] if k else None,
-                         "mean": mean, "std": var ** 0.5 if var is not None else None,
-                         "nan": acc["nan"], "inf": acc["inf"], "zeros": acc["zeros"], "numel": n}
-            progress.advance(ckpt.tensors[name].nbytes)
-            del t
+    for name in names:
+        info = ckpt.tensors[name]
+        t, repeat = _collapse_broadcast(ckpt.read(name))
+        n = t.numel() * repeat
+        if t.numel() > MAX_VIEW_REPEAT * max(info.storage_numel, 1):
+            out[name] = {"min": None, "max": None, "mean": None, "std": None, "nan": None, "inf": None,
+                         "zeros": None, "numel": n,
+                         "skipped": f"view reads {t.numel()} elements from a storage of "
+                                    f"{info.storage_numel} (overlapping strides)"}
+            progress.advance(info.nbytes)
+            continue
+        acc = {"min": float("inf"), "max": float("-inf"), "sum": 0.0, "sumsq": 0.0,
+               "nan": 0, "inf": 0, "zeros": 0, "finite": 0}
+        for block in _blocks(t, STATS_CHUNK):
+            chunk = block.to(torch.float64)
+            finite = torch.isfinite(chunk)
+            acc["nan"] += int(torch.isnan(chunk).sum())
+            acc["inf"] += int(torch.isinf(chunk).sum())
+            acc["zeros"] += int((chunk == 0).sum())
+            vals = chunk[finite]
+            if vals.numel():
+                acc["finite"] += vals.numel()
+                acc["min"] = min(acc["min"], float(vals.min()))
+                acc["max"] = max(acc["max"], float(vals.max()))
+                acc["sum"] += float(vals.sum())
+                acc["sumsq"] += float((vals * vals).sum())
+            del chunk, finite, vals
+        k = acc["finite"]
+        mean = acc["sum"] / k if k else None
+        var = max(acc["sumsq"] / k - mean * mean, 0.0) if k else None
+        out[name] = {"min": acc["min"] if k else None, "max": acc["max"] if k else None,
+                     "mean": mean, "std": var ** 0.5 if var is not None else None,
+                     "nan": acc["nan"] * repeat, "inf": acc["inf"] * repeat,
+                     "zeros": acc["zeros"] * repeat, "numel": n}
+        progress.advance(info.nbytes)
+        del t
     return out
 
 
 def update_strength(ckpt, analysis) -> list[dict[str, Any]]:
     """||scale B@A||_F per LoRA pair (scale as PEFT computes it: rsLoRA, alpha_pattern), via
     r x r Gram matrices (B@A never formed)."""
-    from omgtool.kernels.lora import AdapterSettings, delta_norm, module_scale
+    from omgtool.arch.infer import adapter_settings
+    from omgtool.kernels.lora import delta_norm, module_scale
 
     lora = analysis.architecture.get("lora") or {}
     alpha = lora.get("alpha")
     user_alpha = str(lora.get("alpha_source", "")).startswith("user")
-    settings = AdapterSettings.of(ckpt)
+    settings = adapter_settings(ckpt)
     rows = []
     for pair in analysis.lora_pairs:
+        infos = (ckpt.tensors[pair.a_key], ckpt.tensors[pair.b_key])
+        if any(len(i.shape) != 2 or i.numel > max(i.storage_numel, 1) for i in infos) \
+                or infos[0].shape[0] == 0 or infos[0].shape[0] != infos[1].shape[1]:
+            continue  # not a pair of [r, in] / [out, r] matrices over their own storage
         a, b = ckpt.read(pair.a_key), ckpt.read(pair.b_key)
         rank = a.shape[0]
         if alpha is not None:

@@ -142,10 +142,9 @@ def plan_merge(checkpoint: str | Path, base: str | Path | None = None, *, alpha:
 
 def _open_checkpoint(checkpoint: Path, family: str | None, alpha: float | None, out_dtype: str | None) -> _Planning:
     """The checkpoint, its family and analysis; DoRA and half LoRA pairs refused."""
-    from omgtool.arch.infer import analyze
+    from omgtool.arch.infer import adapter_settings, analyze
     from omgtool.arch.mapping import load_registry
     from omgtool.formats import open_checkpoint
-    from omgtool.kernels.lora import AdapterSettings
 
     registry = load_registry()
     ckpt = open_checkpoint(checkpoint)
@@ -155,7 +154,7 @@ def _open_checkpoint(checkpoint: Path, family: str | None, alpha: float | None, 
         raise InvalidArgument(f"{checkpoint}: no family mapping explains this checkpoint's keys; pass --family "
                               f"(one of {', '.join(sorted(registry.families))})")
     dora = [m.key for m in analysis.matches.values() if m.role == "dora_magnitude"]
-    if dora or AdapterSettings.of(ckpt).use_dora:
+    if dora or adapter_settings(ckpt).use_dora:
         raise InvalidArgument(f"{checkpoint}: DoRA ({dora[0] if dora else 'adapter_config use_dora'}) is not a "
                               "plain LoRA; its merge needs the magnitude vectors and is refused")
     paired = {k for p in analysis.lora_pairs for k in (p.a_key, p.b_key)}
@@ -274,14 +273,14 @@ def _resized_rows(s: _Planning, full: dict[str, str], added: list[str]) -> set[s
 def _lora_sources(s: _Planning, full: dict[str, str]) -> tuple[float | None, str, dict[str, LoraSource]]:
     """alpha (and its source), and per base weight its LoRA pair: rank, alpha, scale, checked
     against the shape it updates. What a LoRA means is omgtool.kernels.lora's."""
-    from omgtool.arch.infer import resolve_alpha
-    from omgtool.kernels.lora import AdapterSettings, delta_shape, is_transposed, module_scale
+    from omgtool.arch.infer import adapter_settings, resolve_alpha
+    from omgtool.kernels.lora import delta_shape, is_transposed, module_scale
 
     alpha_value, alpha_source = resolve_alpha(s.fam, s.ckpt, s.user_alpha)
     pairs = [p for p in s.analysis.lora_pairs if p.component in s.model_comps]
     if pairs and alpha_value is None:
         raise InvalidArgument(f"{s.checkpoint}: LoRA alpha is {alpha_source}")
-    settings = AdapterSettings.of(s.ckpt)
+    settings = adapter_settings(s.ckpt)
     loras: dict[str, LoraSource] = {}
     for p in pairs:
         a, b = s.ckpt.tensors[p.a_key], s.ckpt.tensors[p.b_key]

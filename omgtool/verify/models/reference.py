@@ -96,7 +96,8 @@ def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torc
 
     from omgtool.arch.mapping import load_registry
     from omgtool.formats import open_checkpoint
-    from omgtool.kernels.lora import AdapterSettings, scaling
+    from omgtool.arch.infer import adapter_settings
+    from omgtool.kernels.lora import scaling
 
     base_folder = Path(base_folder)
     base = open_checkpoint(base_folder)
@@ -132,7 +133,7 @@ def build_reference(base_folder: str | Path, adapter_ckpt, analysis, dtype: torc
 
     ranks = Counter(a.shape[0] for a, _ in parts.lora.values())
     rank = ranks.most_common(1)[0][0] if ranks else None
-    settings = AdapterSettings.of(adapter_ckpt)
+    settings = adapter_settings(adapter_ckpt)
 
     def prepare(model):
         if not parts.lora:

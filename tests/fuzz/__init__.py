@@ -1,0 +1,1 @@
+"""Structure-aware mutation fuzzer for the readers; see tests/fuzz/run.py."""
