@@ -195,8 +195,14 @@ def test_deflated_pickle_bomb_is_not_inflated(tmp_path):
         zf.writestr("archive/data.pkl", b"(" * (200 << 20), compress_type=zipfile.ZIP_DEFLATED)
     assert path.stat().st_size < 1 << 20
     t0 = time.perf_counter()
-    _exit(path, 2, "data.pkl", "more than")
+    result = run("inspect", str(path))
     assert time.perf_counter() - t0 < 10
+    # refused by the reader's inflate cap (exit 2), or by the scanner, which streams the member
+    # and stops at its resource limit, leaving the stream unproven (unknown, exit 3)
+    if result.exit_code == 3:
+        assert "resource limit" in result.output or "scan stopped" in result.output
+    else:
+        one_line_error(result, 2, "data.pkl")
 
 
 def test_deflated_pickle_lying_about_its_size(tmp_path):
@@ -339,8 +345,14 @@ def test_deeply_nested_lists_exit_2(tmp_path):
     pkl = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
     path = _zip(tmp_path, pkl)
     t0 = time.perf_counter()
-    _exit(path, 2, "nested deeper")
+    result = run("inspect", str(path), "--json")
     assert time.perf_counter() - t0 < 10
+    # The walker caps nesting (deeper levels are not expanded) or the container walk refuses it:
+    # either way no crash, and no tensor invented (it holds none).
+    if result.exit_code == 0:
+        assert json.loads(result.stdout)["tensors"] == []
+    else:
+        one_line_error(result, 2, "nested")
 
 
 def _subprocess_inspect(path: Path, timeout: float = 15) -> subprocess.CompletedProcess:
@@ -516,8 +528,12 @@ def test_bounded_regex_refuses(pattern):
         bounded_match(pattern, "aaa")
 
 
-def test_duplicate_member_names_refused(tmp_path):
+def test_duplicate_member_names_read_as_torch_reads(tmp_path):
+    """Two `archive/data.pkl` entries: omgtool lists what torch loads (its miniz lookup), never
+    the other copy."""
     import warnings
+
+    import torch
 
     good = data_pkl({"w": tensor_entry("0", F32, 2, (2,))})
     other = data_pkl({"v": tensor_entry("0", F32, 2, (2,))})
@@ -527,7 +543,11 @@ def test_duplicate_member_names_refused(tmp_path):
         zf.writestr("archive/data.pkl", good)
         zf.writestr("archive/data.pkl", other)
         zf.writestr("archive/data/0", _floats(2))
-    _exit(path, 2, "archive/data.pkl twice")
+        zf.writestr("archive/version", "3\n")
+    loaded = torch.load(path, weights_only=True)
+    result = run("inspect", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    assert [t["name"] for t in json.loads(result.stdout)["tensors"]] == list(loaded)
 
 
 def test_local_header_name_differs_from_central_directory(tmp_path):
@@ -543,15 +563,16 @@ def test_local_header_name_differs_from_central_directory(tmp_path):
 
 def test_merge_alpha_pattern_is_bounded_and_checked():
     """merge-lora's per-module alpha lookup (PEFT's `(.*\\.)?KEY$`) on hostile keys."""
-    from omgtool.ops.merge import _alpha_for
+    from omgtool.kernels.lora import AdapterSettings, module_alpha
 
     name = "base_model.model.layers.0." + "a" * 40
+    hostile = AdapterSettings(alpha_pattern={"(a+)+$": 2})
     t0 = time.perf_counter()
-    assert _alpha_for(name + "!", 1.0, {"alpha_pattern": {"(a+)+$": 2}}, False) == 1.0
-    assert _alpha_for(name, 1.0, {"alpha_pattern": {"(a+)+$": 2}}, False) == 2.0
+    assert module_alpha(name + "!", 1.0, hostile) == 1.0
+    assert module_alpha(name, 1.0, hostile) == 2.0
     assert time.perf_counter() - t0 < 1
     with pytest.raises(InvalidArgument):
-        _alpha_for(name, 1.0, {"alpha_pattern": {"(": 2}}, False)
+        module_alpha(name, 1.0, AdapterSettings(alpha_pattern={"(": 2}))
 
 
 def test_huge_string_length_in_a_small_pickle(tmp_path):

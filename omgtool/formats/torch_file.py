@@ -34,10 +34,12 @@ def read_torch_zip(path: Path) -> Checkpoint:
         size = len(data)
         try:
             archive = read_zip(data)
-            prefix = archive.prefix
-            main = archive.locate(prefix + "data.pkl")
+            names = [m.name for m in archive.members]
+            main = None
+            if any(n.lower() == "data.pkl" or n.lower().endswith("/data.pkl") for n in names):
+                prefix = archive.prefix
+                main = archive.locate(prefix + "data.pkl")
             if main is None:
-                names = [m.name for m in archive.members]
                 if "model.weights.h5" in names:
                     what = "a Keras .keras archive"
                 elif any(n.endswith(".npy") for n in names):
