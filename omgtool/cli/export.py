@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import typer
 
-from omgtool.cli.options import force_option, json_option, out_option
+from omgtool.cli.options import alpha_option, dtype_option, family_option, \
+    force_option, json_option, max_shard_option, out_option
 from omgtool.cli.scan import allow_global_option, trusting_globals
 from omgtool.errors import InvalidArgument
 from omgtool.sizes import format_size
@@ -28,12 +29,12 @@ def cli(
                            "(that file) or a folder"),
     base_llama: Optional[Path] = typer.Option(None, "--base-llama", help="peft: the base model already "
                                               "exported with --to llama (the adapter's base)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="llama/peft: cast tensors to fp32, fp16 or "
+    dtype: Optional[str] = dtype_option(help="llama/peft: cast tensors to fp32, fp16 or "
                                         "bf16 (default: keep each source dtype)"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="peft: LoRA alpha, overriding the mapping "
+    alpha: Optional[float] = alpha_option(help="peft: LoRA alpha, overriding the mapping "
                                           "default (OMG-LLaVA: 256)"),
-    family: Optional[str] = typer.Option(None, "--family", help="peft: force a family mapping (e.g. omg-llava)"),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="llama/safetensors folder: "
+    family: Optional[str] = family_option(help="peft: force a family mapping (e.g. omg-llava)"),
+    max_shard_size: str = max_shard_option(help="llama/safetensors folder: "
                                        "largest shard (HF units: 5GB, 500MB, 2GiB)"),
     force: bool = force_option(),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (every output tensor, its source and "

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from omgtool.cli.options import json_option
+from omgtool.cli.options import alpha_option, family_option, json_option
 from omgtool.cli.scan import allow_global_option, trusting_globals
 from omgtool.errors import InvalidArgument, UnsafeInput
 from omgtool.formats.hashing import sha256_files
@@ -26,8 +26,8 @@ def cli(
                                "and LoRA update strength per layer and module"),
     name_filter: Optional[str] = typer.Option(None, "--filter", help="only list tensors whose name "
                                               "matches this glob (e.g. '*.lora_B.*')"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha, overriding the mapping default"),
-    family: Optional[str] = typer.Option(None, "--family", help="force a family mapping (e.g. omg-llava)"),
+    alpha: Optional[float] = alpha_option(help="LoRA alpha, overriding the mapping default"),
+    family: Optional[str] = family_option(help="force a family mapping (e.g. omg-llava)"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="also write a shape manifest "
                                             "JSON (name, shape, dtype of every tensor) to this file"),
     with_hash: bool = typer.Option(False, "--hash", help="record each source file's sha256 in the manifest"),

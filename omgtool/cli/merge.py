@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import typer
 
-from omgtool.cli.options import force_option, json_option, out_option
+from omgtool.cli.options import alpha_option, device_option, dtype_option, family_option, \
+    force_option, json_option, max_shard_option, out_option
 from omgtool.cli.scan import allow_global_option, trusting_globals
 from omgtool.errors import InvalidArgument
 
@@ -25,14 +26,14 @@ def cli(
                                        "current directory, beside the checkpoint, then the local HuggingFace "
                                        "cache; never downloaded)"),
     out: Optional[Path] = out_option(None, help="output folder (refused if it exists, unless --force)"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default: the family mapping's, "
+    alpha: Optional[float] = alpha_option(help="LoRA alpha (default: the family mapping's, "
                                           "256 for OMG-LLaVA, or adapter_config.json's)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype bf16, fp16 or fp32 (default: the "
+    dtype: Optional[str] = dtype_option(help="output dtype bf16, fp16 or fp32 (default: the "
                                         "base's dtype; untouched tensors are then copied bit-exactly)"),
-    family: Optional[str] = typer.Option(None, "--family", help="force a family mapping (e.g. omg-llava)"),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="largest model shard (HF sizes: 5GB, "
+    family: Optional[str] = family_option(help="force a family mapping (e.g. omg-llava)"),
+    max_shard_size: str = max_shard_option(help="largest model shard (HF sizes: 5GB, "
                                        "200MB, 200KB, 2GiB)"),
-    device: str = typer.Option("auto", "--device", help="where the LoRA matmuls run: auto (cuda when "
+    device: str = device_option(help="where the LoRA matmuls run: auto (cuda when "
                                "available), cpu, cuda or cuda:N"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (merged, replaced, copied) "
                                  "and write nothing"),

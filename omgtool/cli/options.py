@@ -43,6 +43,26 @@ def json_option(help: str = "print one JSON object on stdout (errors too: {\"err
     return typer.Option(False, "--json", help=help)
 
 
+def alpha_option(help: str = "LoRA alpha, overriding the mapping default") -> Any:
+    return typer.Option(None, "--alpha", help=help)
+
+
+def family_option(help: str = "force a family mapping (e.g. omg-llava)") -> Any:
+    return typer.Option(None, "--family", help=help)
+
+
+def dtype_option(help: str) -> Any:
+    return typer.Option(None, "--dtype", help=help)
+
+
+def max_shard_option(help: str) -> Any:
+    return typer.Option("5GB", "--max-shard-size", help=help)
+
+
+def device_option(help: str = "auto, cpu, cuda or cuda:N") -> Any:
+    return typer.Option("auto", "--device", help=help)
+
+
 # --- options every command takes --------------------------------------------------------------
 
 _COMMON = [

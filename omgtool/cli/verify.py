@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 
-from omgtool.cli.options import json_option
+from omgtool.cli.options import alpha_option, device_option, json_option
 from omgtool.errors import CheckFailed
 from omgtool.sizes import format_size
 
@@ -22,7 +22,7 @@ def cli(
                                            "that was merged: enables the merged vs base + unmerged LoRA check"),
     base: Optional[Path] = typer.Option(None, "--base", help="base LLM folder (default: the base recorded in "
                                         "the folder's omgtool-merge.json)"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha for the reference (default: the "
+    alpha: Optional[float] = alpha_option(help="LoRA alpha for the reference (default: the "
                                           "mapping default, 256 for OMG-LLaVA)"),
     image: Optional[Path] = typer.Option(None, "--image", help="image for the multimodal check (default: a "
                                          "generated test image)"),
@@ -31,7 +31,7 @@ def cli(
                                                   "random init, flagged)"),
     projector: Optional[Path] = typer.Option(None, "--projector", help="file with projector.* weights "
                                              "(default: the folder's projector.safetensors, else --adapter)"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    device: str = device_option(help="auto, cpu, cuda or cuda:N"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto': place the LLM across GPUs, "
                                              "CPU and disk through accelerate"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="limits for --device-map, e.g. "
