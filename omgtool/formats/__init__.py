@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import zipfile
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 from omgtool.errors import UnreadableInput
@@ -22,10 +23,6 @@ __all__ = ["Checkpoint", "SafetyReport", "TensorInfo", "open_checkpoint", "open_
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_SINGLE = ("model.safetensors", "pytorch_model.bin")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-# LLaVA: a LoRA run keeps the non-LoRA trained weights (the projector) beside the adapter;
-# a stage-1 (projector alignment) run folder holds only mm_projector.bin.
-ADAPTER_COMPANIONS = ("non_lora_trainables.bin",)
-PROJECTOR_ONLY = ("mm_projector.bin",)
 DEEPSPEED_FILE = "mp_rank_00_model_states.pt"
 
 
@@ -74,6 +71,25 @@ _INPUT_FAILURES = (RecursionError, MemoryError, OverflowError, NotImplementedErr
                    UnicodeError, zipfile.BadZipFile, zlib.error, struct.error)
 
 
+@lru_cache(maxsize=1)
+def _family_files() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(adapter companions, projector-only files): family-specific folder files, as data in
+    mappings/folders/family_files.toml (LLaVA's non_lora_trainables.bin and mm_projector.bin)."""
+    import tomllib
+
+    from omgtool.errors import InvalidArgument
+    from omgtool.mappings_dir import mappings_dir
+
+    path = mappings_dir() / "folders" / "family_files.toml"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        companions = tuple(str(c["file"]) for c in data.get("companions", []) if c.get("of") == "adapter")
+        projector_only = tuple(str(c["file"]) for c in data.get("projector_only", []))
+    except (OSError, KeyError, TypeError, AttributeError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidArgument(f"{path}: invalid folder mapping ({type(exc).__name__}: {exc})") from None
+    return companions, projector_only
+
+
 def open_checkpoint(path: str | Path, allow_globals=None, refuse_unsafe: bool | None = None) -> Checkpoint:
     """Open a checkpoint file or folder. Reads metadata only; no pickle code runs.
 
@@ -102,12 +118,12 @@ def _open_folder(path: Path) -> Checkpoint:
     for adapter in ADAPTER_FILES:
         if (path / adapter).is_file():
             ckpt = open_file(path / adapter)
-            companions = [path / c for c in ADAPTER_COMPANIONS if (path / c).is_file()]
+            companions = [path / c for c in _family_files()[0] if (path / c).is_file()]
             for extra in companions:
                 _add_tensors(ckpt, open_file(extra), path)
             fmt = "peft-adapter" + "".join(f" + {c.name}" for c in companions)
             return _as_folder(ckpt, path, fmt, [path / adapter, *companions])
-    for single in PROJECTOR_ONLY:
+    for single in _family_files()[1]:
         if (path / single).is_file():
             return _as_folder(open_file(path / single), path, "projector-folder", [path / single])
     ds = _deepspeed_file(path)
