@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.measure import machine, measure
+from bench.measure import machine, measure, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_KEYS = 110
@@ -157,8 +157,7 @@ def main() -> None:
         "later runs re-read from disk. omgtool's runs, which need neither, vary by a few percent.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_report(args.out, lines)
     print("\n".join(lines))
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.measure import machine, measure
+from bench.measure import machine, measure, write_report
 from omgtool.sizes import size_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,8 +176,7 @@ def main() -> None:
         "Not measured here, but follows from the above: at 32 layers the base is about 15 GB, which the load-everything baseline holds in memory (RSS grows with the model), while omgtool's peak stays at torch plus the largest tensor (about 1.5 GB). The time gap on --to llama is fixed overhead: importing transformers (LlamaConfig, tokenizer) and building and checking the tokenizer, about 2-3 s on this machine.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_report(args.out, lines)
     print("\n".join(lines))
     shutil.rmtree(outs, ignore_errors=True)
     if not args.keep:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import machine, measure
+from bench.measure import machine, measure, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_LIST = ("import sys, torch; sd = torch.load(sys.argv[1], mmap=True, weights_only=True); "
@@ -86,8 +86,7 @@ def main() -> None:
         f"{rows[3][1]['wall_s']:.2f} s, so the same absolute inspect time gives a smaller ratio.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_report(args.out, lines)
     print("\n".join(lines))
     if not args.keep and not args.ckpt:
         shutil.rmtree(args.workdir, ignore_errors=True)

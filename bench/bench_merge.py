@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import machine, measure
+from bench.measure import machine, measure, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -62,12 +62,20 @@ os.remove(out)
 """
 
 
-def generate(workdir: Path, layers: int) -> dict[str, Path]:
+def real_inputs(workdir: Path, layers: int) -> dict[str, Path]:
+    """A real-width InternLM2 base folder and OMG-LLaVA finetune with `layers` layers (made once)."""
     out = workdir / f"real{layers}"
     base, ckpt = out / "internlm2-chat-7b", out / "omg_llava_7b_finetune_8gpus.pth"
     if not (base.is_dir() and ckpt.is_file()):
         subprocess.run([PY, "-m", "fixtures.generate", "--size", "real", "--layers", str(layers), "--what",
                         "base,finetune", "--out", str(out)], check=True, cwd=ROOT)
+    return {"dir": out, "base": base, "ckpt": ckpt}
+
+
+def generate(workdir: Path, layers: int) -> dict[str, Path]:
+    """real_inputs plus the Llama export of the base and the PEFT export of the finetune."""
+    data = real_inputs(workdir, layers)
+    out, base, ckpt = data["dir"], data["base"], data["ckpt"]
     llama, adapter = out / "base-llama", out / "adapter"
     if not llama.is_dir():
         subprocess.run([PY, "-m", "omgtool.cli", "export", str(base), "--to", "llama", "--out", str(llama)],
@@ -225,8 +233,7 @@ def main() -> None:
                      "layer) and the float64 Gram matrices of the delta norms dominate. The GPU target (a 32-layer "
                      "merge within 2x of the I/O floor) needs a GPU machine; none was available to this task.")
     lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_report(args.out, lines)
     print("\n".join(lines))
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -22,27 +22,17 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from bench.bench_merge import fit
-from bench.measure import machine, measure
+from bench.bench_merge import fit, real_inputs
+from bench.measure import machine, measure, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TARGET = 1.5
 MODES = {"standard": ["--no-quant-stats"], "measured": ["--base-weights", "original"],
          "nf4": ["--base-weights", "nf4-dequant"]}
-
-
-def generate(workdir: Path, layers: int) -> dict[str, Path]:
-    out = workdir / f"real{layers}"
-    base, ckpt = out / "internlm2-chat-7b", out / "omg_llava_7b_finetune_8gpus.pth"
-    if not (base.is_dir() and ckpt.is_file()):
-        subprocess.run([PY, "-m", "fixtures.generate", "--size", "real", "--layers", str(layers), "--what",
-                        "base,finetune", "--out", str(out)], check=True, cwd=ROOT)
-    return {"dir": out, "base": base, "ckpt": ckpt}
 
 
 def _warm(paths: list[Path]) -> None:
@@ -114,7 +104,7 @@ def main() -> None:
     counts = sorted(int(x) for x in args.layers.split(","))
     results = {}
     for n in counts:
-        data = generate(args.workdir, n)
+        data = real_inputs(args.workdir, n)
         results[n] = run_layers(data, args.repeat)
         if not args.keep:
             shutil.rmtree(data["dir"], ignore_errors=True)
@@ -190,8 +180,7 @@ def render(results: dict[int, dict], kernels: dict, args) -> None:
                   f"({kernels['roundtrip_s'] / kernels['merge_lora_s']:.2f}x).",
               "", "No GPU was lent to this task: the `--device cuda` round trip and the CUDA golden files "
                   "(bitsandbytes' own CUDA quantize_4bit on seeded tensors) are not measured yet.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_report(args.out, lines)
     print("\n".join(lines))
 
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import machine, measure
+from bench.measure import machine, measure, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}
@@ -146,8 +146,7 @@ def main() -> None:
         lines.append(f"| {label} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['wall_s'] / baseline['wall_s']:.2f} | {r['peak_rss_mb'] / baseline['peak_rss_mb']:.2f} |")
     lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_report(args.out, lines)
     print("\n".join(lines))
     shutil.rmtree(args.workdir, ignore_errors=True)
 

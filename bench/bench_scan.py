@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import machine, measure
+from bench.measure import machine, measure, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_LIST = ("import sys, pathlib, torch\n"
@@ -120,8 +120,7 @@ def main() -> None:
         f"file and {big['peak_rss_mb']:.0f} MB peak RSS: the scan maps the file and reads only the zip "
         "directory and the pickle member, never the tensor bytes.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_report(args.out, lines)
     print("\n".join(lines))
     shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bench.measure import machine
+from bench.measure import machine, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNERS = ["picklescan", "modelscan", "fickling"]
@@ -157,8 +157,7 @@ def main() -> None:
     lines += ["", "Missed malicious files per tool:", ""]
     lines += [f"- {tool}: {', '.join(names_) or 'none'}" for tool, names_ in missed.items()]
     lines += NOTES.rstrip("\n").split("\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_report(args.out, lines)
     print("\n".join(lines))
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.measure import machine, run_once
+from bench.measure import machine, run_once, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "d1bb94d"  # the last commit before issue 13's CLI changes
@@ -151,8 +151,7 @@ def main() -> None:
         "take a CLI layer whose argument parsing does not import pydantic.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_report(args.out, lines)
     print("\n".join(lines))
 
 

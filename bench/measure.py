@@ -48,3 +48,9 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, " \
            f"Python {platform.python_version()}, {platform.platform()}"
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    """A benchmark's markdown section (docs/benchmarks/*.md; bench.report assembles them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
