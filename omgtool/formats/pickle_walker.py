@@ -3,11 +3,11 @@
 The walker is a stack machine over its own opcode decoder (not `pickletools.genops`),
 following `Modules/_pickle.c` where the two differ:
 
-- Reading. `mode="file"` is `pickle.load(f)` on a file without `peek` (torch.load's
+- Reading. `mode="file"` is how the C unpickler reads a file object without `peek` (torch.load's
   `io.BytesIO` of `data.pkl`): FRAME pre-reads its bytes into a buffer, and an argument
   that overruns the buffer makes the C unpickler throw the rest of the frame away and
   read fresh bytes after it (counted BINBYTES/BYTEARRAY8 data is the exception: it is
-  copied across). `mode="memory"` is `pickle.loads(bytes)`: one contiguous buffer.
+  copied across). `mode="memory"` is how it reads one bytes buffer (loads).
   Either way an overrun is recorded (`WalkResult.overrun`): no pickler writes one, and
   loaders disagree on what follows it, so scanners walk both modes and flag it.
 - STOP returns the top of the stack (extra items are ignored), POP with an empty
