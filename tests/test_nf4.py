@@ -170,6 +170,44 @@ def test_dynamic_map_search_is_the_nearest_code():
     assert torch.equal(dist.gather(1, got.unsqueeze(1)).squeeze(1), best)
 
 
+def _kernel_search(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """dQuantize<0> in csrc/kernels.cu, transcribed loop for loop (the oracle for the closed form)."""
+    pivot = torch.full(x.shape, 127, dtype=torch.int64)
+    upper_pivot = torch.full_like(pivot, 255)
+    lower_pivot = torch.zeros_like(pivot)
+    lower = torch.full(x.shape, -1.0)
+    upper = torch.ones_like(lower)
+    val = code[pivot]
+    step = 64
+    while step > 0:
+        up = x > val
+        lower_pivot = torch.where(up, pivot, lower_pivot)
+        lower = torch.where(up, val, lower)
+        upper_pivot = torch.where(up, upper_pivot, pivot)
+        upper = torch.where(up, upper, val)
+        pivot = pivot + torch.where(up, step, -step)
+        val = code[pivot]
+        step >>= 1
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    up = x > val
+    out = torch.where(up, torch.where(x > (upper + val) * 0.5, upper_pivot, pivot),
+                      torch.where(x < (lower + val) * 0.5, lower_pivot, pivot))
+    return out.to(torch.uint8)
+
+
+def test_dynamic_search_closed_form_is_the_kernel_loop():
+    code = nf4.dynamic_map()
+    g = torch.Generator().manual_seed(5)
+    mids = (code[1:] + code[:-1]) * 0.5
+    special = torch.cat([code, mids, torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, float("nan"),
+                                                   float("inf"), -float("inf")])])
+    up, down = torch.tensor(float("inf")), torch.tensor(-float("inf"))
+    x = torch.cat([torch.rand(200000, generator=g) * 2 - 1, torch.randn(20000, generator=g) * 1e-4,
+                   special, torch.nextafter(special, up), torch.nextafter(special, down)])
+    assert torch.equal(nf4.quantize_dynamic(x, code), _kernel_search(x, code))
+
+
 def test_double_quant_state():
     g = torch.Generator().manual_seed(4)
     w = (torch.randn(300, 256, generator=g) * 0.03).to(torch.float16)

@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from omgtool.kernels.nf4_settings import BLOCKSIZES, QUANT_TYPES, QuantSettings, check_settings
+from omgtool.kernels.nf4_settings import QuantSettings, check_settings
 
 NF4_TABLE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -50,6 +50,7 @@ FP4_MAGNITUDES = (0.0, 5.208333333e-03, 0.66666667, 1.0, 0.33333333, 0.5, 0.1666
 FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
 FP4_ORDER = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 DQ_BLOCKSIZE = 256  # functional.quantize_4bit: quantize_blockwise(absmax - offset, blocksize=256)
+SUB_ELEMENTS = 1 << 18  # elements per step of the element-wise kernels: their temporaries stay in cache
 
 
 class _one_thread:
@@ -105,16 +106,23 @@ def _padded_blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 def block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """max |x| per block of the flattened tensor, float32 (exact: max and negation do not round)."""
+    """max |x| per block of the flattened tensor, float32 (exact: widening, abs and max do not
+    round; torch's fp16/bf16 reductions on the CPU are several times slower than float32's)."""
     blocks = _padded_blocks(x, blocksize)
-    return torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1)).float()
+    out = torch.empty(blocks.shape[0], dtype=torch.float32, device=blocks.device)
+    # on the CPU in steps whose float32 temporaries stay in cache; on a GPU in one
+    step = max(1, SUB_ELEMENTS // blocksize) if blocks.device.type == "cpu" else max(1, blocks.shape[0])
+    for start in range(0, blocks.shape[0], step):
+        torch.amax(blocks[start:start + step].float().abs(), dim=1, out=out[start:start + step])
+    return out
 
 
 def _scaled(x: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """x * (1 / absmax) per block in float32, flat, padding included."""
+    """x * (1 / absmax) per block in float32, flat, padding included (the product promotes x
+    to float32 exactly, in the same pass)."""
     blocks = _padded_blocks(x, blocksize)
     recip = torch.reciprocal(absmax.to(device=blocks.device, dtype=torch.float32)).unsqueeze(1)
-    return (blocks.float() * recip).reshape(-1)
+    return torch.mul(blocks, recip).reshape(-1)
 
 
 def codes_of(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -142,6 +150,7 @@ def encode(x: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: st
 
 
 AMBIGUOUS = 2.0  # not a table value: marks a LUT bucket a threshold falls into
+_AMBIGUOUS_BITS = 0x40000000  # 2.0 as float32 bits
 
 
 @lru_cache(maxsize=4)
@@ -164,7 +173,8 @@ def _table_values(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     threshold splits resolved by the trees themselves."""
     lut = _value_lut(quant_type).to(scaled.device)
     values = lut.index_select(0, (scaled.view(torch.int32) >> 16) & 0xFFFF)
-    unsure = (values == AMBIGUOUS).nonzero().squeeze(1)
+    # the marker compared as bits: the float compare against a scalar is the slower CPU kernel
+    unsure = (values.view(torch.int32) == _AMBIGUOUS_BITS).nonzero().squeeze(1)
     if unsure.numel():
         exact = codes_of(scaled.index_select(0, unsure), quant_type)
         values[unsure] = table(quant_type, scaled.device)[exact.long()]
@@ -198,30 +208,24 @@ def decode(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type
 
 
 def quantize_dynamic(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """dQuantize<0>: the kernel's 7-step binary search over the sorted 256-value map, then the
-    midpoint rule (`x > (upper + val) * 0.5` upwards, `x < (lower + val) * 0.5` downwards)."""
+    """dQuantize<0>: the kernel's 7-step binary search over the sorted 256-value map (from
+    pivot 127, steps 64..1, up when `x > code[pivot]`), then its midpoint rule, in closed form.
+
+    The search is over a complete binary tree in in-order: odd indices 1..253 inner nodes,
+    even 0..254 leaves. With c = #{i < 255: code[i] < x}, it ends on the leaf next to the gap
+    c falls in, its other neighbour being the inner node it last turned at, so:
+    c odd (leaf c-1, x above it): c if x > (code[c] + code[c-1]) * 0.5 else c-1 (c = 255
+    included: the upper end is code[255]); c even, c >= 2 (leaf c, x at or below it): c-1 if
+    x < (code[c-1] + code[c]) * 0.5 else c; c = 0 and NaN (every comparison false): 0.
+    tests/test_nf4.py checks this against the loop transcribed from the kernel."""
     code = code.to(x.device)
-    pivot = torch.full(x.shape, 127, dtype=torch.int32, device=x.device)
-    upper_pivot = torch.full_like(pivot, 255)
-    lower_pivot = torch.zeros_like(pivot)
-    lower = torch.full(x.shape, -1.0, dtype=torch.float32, device=x.device)
-    upper = torch.ones_like(lower)
-    val = code.index_select(0, pivot)
-    step = 64
-    while step > 0:
-        up = x > val
-        lower_pivot = torch.where(up, pivot, lower_pivot)
-        lower = torch.where(up, val, lower)
-        upper_pivot = torch.where(up, upper_pivot, pivot)
-        upper = torch.where(up, upper, val)
-        pivot = pivot + torch.where(up, step, -step)
-        val = code.index_select(0, pivot)
-        step >>= 1
-    upper = torch.where(upper_pivot == 255, code[255], upper)
-    lower = torch.where(lower_pivot == 0, code[0], lower)
-    up = x > val
-    out = torch.where(up, torch.where(x > (upper + val) * 0.5, upper_pivot, pivot),
-                      torch.where(x < (lower + val) * 0.5, lower_pivot, pivot))
+    c = torch.searchsorted(code[:255], x, side="left")  # strict: code[i] < x; NaN sorts last
+    hi = code.index_select(0, c.clamp(max=255))
+    lo = code.index_select(0, (c - 1).clamp(min=0))
+    mid = (hi + lo) * 0.5
+    odd = (c & 1).bool()
+    out = torch.where(odd, torch.where(x > mid, c, c - 1), torch.where(x < mid, c - 1, c))
+    out = torch.where((c == 0) | torch.isnan(x), 0, out)
     return out.to(torch.uint8)
 
 
@@ -254,7 +258,7 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> Doub
     absmax2 = block_absmax(centred, blocksize)
     scaled = (_padded_blocks(centred, blocksize) * torch.reciprocal(absmax2).unsqueeze(1)).reshape(-1)
     if absmax.device.type == "cpu":
-        with _one_thread():  # ~50 small ops on 1/64 of the weight's elements
+        with _one_thread():  # a dozen small ops on 1/64 of the weight's elements
             codes = quantize_dynamic(scaled[:centred.numel()], dynamic_map())
     else:
         codes = quantize_dynamic(scaled[:centred.numel()], dynamic_map(absmax.device))
@@ -303,7 +307,6 @@ def dequantize_4bit(state: QuantState) -> torch.Tensor:
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-SUB_ELEMENTS = 1 << 18  # elements per step of the fused round trip: its temporaries stay in cache
 
 
 def load_absmax(w: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
@@ -335,13 +338,13 @@ def _roundtrip_flat(w: torch.Tensor, absmax: torch.Tensor, scales: torch.Tensor,
             b0, b1 = start // bs, -(-stop // bs)
             part = w[start:stop]
             scaled = _scaled(part.to(settings.load), absmax[b0:b1], bs)
-            values = _table_values(scaled, settings.quant_type).view(-1, bs) * scales[b0:b1].unsqueeze(1)
-            rounded = values.reshape(-1)[:stop - start].to(settings.load)
-            out[start:stop] = rounded
-            if norms:
-                w32 = part.float()
-                q2 += float(torch.linalg.vector_norm(rounded.to(settings.compute).float() - w32)) ** 2
-                w2 += float(torch.linalg.vector_norm(w32)) ** 2
+            values = _table_values(scaled, settings.quant_type).view(-1, bs)
+            values.mul_(scales[b0:b1].unsqueeze(1))
+            rounded = out[start:stop]
+            rounded.copy_(values.reshape(-1)[:stop - start])  # rounded once to the load dtype
+            if norms:  # float32 reductions; `part` is promoted inside them, never copied
+                q2 += float(torch.dist(rounded.to(settings.compute).float(), part)) ** 2
+                w2 += float(torch.linalg.vector_norm(part, dtype=torch.float32)) ** 2
         sums.append((q2, w2))
 
     workers = min(torch.get_num_threads(), len(steps)) if w.device.type == "cpu" else 1
