@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from omgtool.arch import mapping
+from omgtool.arch import mapping, mapping_cache
 from omgtool.errors import InvalidArgument
 from tests.paths import FINETUNE
 
@@ -34,19 +34,30 @@ def test_warm_start_builds_the_same_models(mappings, monkeypatch):
     cold = _load(root)
     assert len(list(cache.glob("mappings-*.json"))) == 1
     calls = []
-    real = mapping.ArchitectureMapping.model_validate
-    monkeypatch.setattr(mapping.ArchitectureMapping, "model_validate",
-                        classmethod(lambda cls, data: calls.append(1) or real(data)))
+    real = mapping._validate
+    monkeypatch.setattr(mapping, "_validate", lambda cls, data: calls.append(1) or real(cls, data))
     warm = _load(root)
     assert calls == []  # nothing validated: the cache answered
     for table in ("architectures", "families", "conversions", "keymaps"):
         assert getattr(warm, table) == getattr(cold, table), table
         for name, model in getattr(warm, table).items():
             assert type(model) is type(getattr(cold, table)[name])
-            assert model.model_dump() == getattr(cold, table)[name].model_dump()
+            assert mapping_cache.dump(model) == mapping_cache.dump(getattr(cold, table)[name])
     fam = warm.families["omg-llava"]
     assert isinstance(fam.components[0], mapping.ComponentSpec) and isinstance(fam.lora, mapping.LoraSpec)
     assert fam.lora.default_alpha == 256
+
+
+def test_validation_refuses_what_the_schemas_do_not_allow(mappings):
+    root, _ = mappings
+    path = root / "family_omg_llava.toml"
+    text = path.read_text()
+    for bad, why in [(text.replace("priority = 10", "priority = \"high\"", 1), "priority"),
+                     (text.replace("kind = \"family\"", "kind = \"famly\"", 1), "'kind' must be one of"),
+                     (text + "\n[[tokens.added]]\ncontent = \"[SEG]\"\n", "listed twice")]:
+        path.write_text(bad)
+        with pytest.raises(InvalidArgument, match=why):
+            _load(root)
 
 
 def test_an_edited_mapping_is_validated_again(mappings):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from omgtool.arch.mapping import ConversionMapping, Registry, load_registry, template_regex
+from omgtool.arch.mapping import ConversionMapping, Registry, Template, load_registry
 from omgtool.errors import InvalidArgument
 from omgtool.formats.base import Checkpoint
 from omgtool.kernels.transforms import TRANSFORMS, apply, transform_shapes
@@ -33,10 +33,10 @@ def _fill(template: str, layer: str | None) -> str:
 def convert_name(conversion: ConversionMapping, name: str) -> ConvertedName | None:
     """Which target name(s) and transform a source weight name maps to; None if no rule."""
     for rule in conversion.rules:
-        m = template_regex(rule.source).match(name)
+        m = Template(rule.source).match(name)
         if m is None:
             continue
-        layer = m.group("layer") if "layer" in m.re.groupindex else None
+        layer = m.layer
         targets = rule.target if isinstance(rule.target, list) else [rule.target]
         if rule.transform not in TRANSFORMS:
             raise InvalidArgument(f"conversion {conversion.name}: unknown transform {rule.transform!r}")

@@ -8,7 +8,7 @@ split rules from one architecture to another.
 
 `match_keys` assigns every key of a checkpoint to a component and role, seeing through
 PEFT wrappers (`base_model.model.`, `.base_layer.`, `.lora_A.<adapter>.`). Templates are
-anchored regexes: no substring tests.
+matched whole (`{layer}` = 1-9 digits): no substring tests.
 """
 
 from __future__ import annotations
@@ -20,54 +20,79 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from omgtool.arch import mapping_cache
 from omgtool.errors import InvalidArgument
 from omgtool.mappings_dir import mappings_dir  # noqa: F401  (re-exported)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+# The schemas are plain frozen dataclasses: pydantic validates the TOML into them (unknown keys
+# refused, types and Literals checked, __post_init__ checks run) only when a mapping file is new
+# or edited; a start-up over validated files rebuilds them from mapping_cache without importing
+# pydantic at all.
+SCHEMAS: dict[str, type] = {}  # every schema class by name (mapping_cache rebuilds them by it)
 
 
+def schema(cls):
+    SCHEMAS[cls.__name__] = cls = dataclass(frozen=True, kw_only=True)(cls)
+    return cls
+
+
+class _Strict:
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _validate(cls: type, data: dict) -> Any:
+    """`data` (a parsed TOML file) as `cls`, checked by pydantic; _Invalid says what is wrong."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+@schema
 class WeightSpec(_Strict):
     name: str  # template; `{layer}` stands for the layer index
     group: str
-    dims: list[str] = Field(default_factory=list)  # meaning of each shape dim; "_" = don't care
+    dims: list[str] = field(default_factory=list)  # meaning of each shape dim; "_" = don't care
     lora_target: bool = False
     # what the weight is to the tools: "embedding" (token table) or "head" (output projection);
     # exports and verify find these by role, never by name
     role: Literal["embedding", "head"] | None = None
 
 
+@schema
 class ArchitectureMapping(_Strict):
     kind: Literal["architecture"]
     name: str
     description: str
-    groups: dict[str, str] = Field(default_factory=dict)  # group -> what it is for
-    defaults: dict[str, Any] = Field(default_factory=dict)  # assumptions, each with a *_source
-    derive: list[str] = Field(default_factory=list)  # named derivations in omgtool.arch.infer
+    groups: dict[str, str] = field(default_factory=dict)  # group -> what it is for
+    defaults: dict[str, Any] = field(default_factory=dict)  # assumptions, each with a *_source
+    derive: list[str] = field(default_factory=list)  # named derivations in omgtool.arch.infer
     layer_count_key: str | None = None  # config.json key for the layer count
     # how an HF config.json names this architecture (model_type, architectures)
-    model_types: list[str] = Field(default_factory=list)
-    hf_architectures: list[str] = Field(default_factory=list)
+    model_types: list[str] = field(default_factory=list)
+    hf_architectures: list[str] = field(default_factory=list)
     weights: list[WeightSpec]
 
     def weight_with_role(self, role: str) -> WeightSpec | None:
         return next((w for w in self.weights if w.role == role), None)
 
-    @model_validator(mode="after")
-    def _check(self):
+    def __post_init__(self):
         names = [w.name for w in self.weights]
         if len(set(names)) != len(names):
             raise ValueError("duplicate weight templates")
         for w in self.weights:
             if w.group not in self.groups:
                 raise ValueError(f"weight {w.name} names undeclared group {w.group!r}")
-        return self
 
 
+@schema
 class ComponentSpec(_Strict):
     name: str
     architecture: str
@@ -93,11 +118,12 @@ class ComponentSpec(_Strict):
         return "model" if self.language_model else "projector.safetensors"
 
 
+@schema
 class LoraSpec(_Strict):
     alpha_from: Literal["mapping", "adapter_config"] = "mapping"
     default_alpha: float | None = None
     alpha_source: str = ""
-    adapter_names: list[str] = Field(default_factory=lambda: ["default"])
+    adapter_names: list[str] = field(default_factory=lambda: ["default"])
     # detect this family only when an adapter_config.json was read; None: when alpha_from is
     # "adapter_config" (a generic PEFT family must not claim bare state dicts)
     require_adapter_config: bool | None = None
@@ -109,37 +135,39 @@ class LoraSpec(_Strict):
         return self.require_adapter_config
 
 
+@schema
 class StageSpec(_Strict):
     name: str
     when: Literal["lora", "no-lora", "always"]
     description: str = ""
-    present: list[str] = Field(default_factory=list)  # components that must have keys
-    absent: list[str] = Field(default_factory=list)  # components that must have none
+    present: list[str] = field(default_factory=list)  # components that must have keys
+    absent: list[str] = field(default_factory=list)  # components that must have none
 
 
+@schema
 class TokenSpec(_Strict):
     content: str
     embedded: bool = True  # False: added after the embedding resize, so its id has no row
     description: str = ""
 
 
+@schema
 class TokensSpec(_Strict):
     """Special tokens training added to the base tokenizer, in order: ids V, V+1, ... (V = base size)."""
 
     added: list[TokenSpec]
     source: str = ""
 
-    @model_validator(mode="after")
-    def _check(self):
+    def __post_init__(self):
         names = [t.content for t in self.added]
         if len(set(names)) != len(names):
             raise ValueError("a token is listed twice")
         embedded = [t.embedded for t in self.added]
         if embedded != sorted(embedded, reverse=True):
             raise ValueError("tokens without an embedding row must come after the embedded ones")
-        return self
 
 
+@schema
 class QloraSpec(_Strict):
     """How training held the frozen base: bitsandbytes 4-bit, each setting with its source
     (merge-lora --base-weights nf4-dequant, verify --reference nf4; see omgtool.arch.qlora)."""
@@ -159,10 +187,11 @@ class QloraSpec(_Strict):
     compute_dtype_source: str
     quantized: list[str]  # weight templates of the component held in 4-bit
     quantized_source: str
-    skipped: list[str] = Field(default_factory=list)  # linears training kept in full precision
+    skipped: list[str] = field(default_factory=list)  # linears training kept in full precision
     skipped_source: str = ""
 
 
+@schema
 class FamilyMapping(_Strict):
     kind: Literal["family"]
     name: str
@@ -170,7 +199,7 @@ class FamilyMapping(_Strict):
     priority: int = 0  # tie-break when two families explain the same keys
     components: list[ComponentSpec]
     lora: LoraSpec | None = None
-    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name="full", when="always")])
+    stages: list[StageSpec] = field(default_factory=lambda: [StageSpec(name="full", when="always")])
     tokens: TokensSpec | None = None
     qlora: QloraSpec | None = None
     # merge-lora: the output config.json is the base's, or the checkpoint folder's own
@@ -187,18 +216,21 @@ class FamilyMapping(_Strict):
         return next(iter(self.language_models), None)
 
 
+@schema
 class RenameRule(_Strict):
     source: str  # template in the source architecture
     target: str | list[str]  # template(s) in the target architecture
     transform: str = "identity"  # named transform in omgtool.kernels.transforms
 
 
+@schema
 class ConfigRewrite(_Strict):
-    drop: list[str] = Field(default_factory=list)
-    rename: dict[str, str] = Field(default_factory=dict)
-    set: dict[str, Any] = Field(default_factory=dict)
+    drop: list[str] = field(default_factory=list)
+    rename: dict[str, str] = field(default_factory=dict)
+    set: dict[str, Any] = field(default_factory=dict)
 
 
+@schema
 class ConversionMapping(_Strict):
     kind: Literal["conversion"]
     name: str
@@ -206,24 +238,27 @@ class ConversionMapping(_Strict):
     source: str  # architecture name
     target: str
     rules: list[RenameRule]
-    config: ConfigRewrite = Field(default_factory=ConfigRewrite)
-    defaults: dict[str, Any] = Field(default_factory=dict)
+    config: ConfigRewrite = field(default_factory=ConfigRewrite)
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
+@schema
 class PrefixRule(_Strict):
     source: str  # key prefix in the source file
     target: str  # the prefix it becomes in the target module's state dict
 
 
+@schema
 class KeyLayout(_Strict):
     """One way a file can name the weights: prefix renames, plus prefixes knowingly ignored."""
 
     name: str
     description: str = ""
     rules: list[PrefixRule]
-    ignore: list[str] = Field(default_factory=list)  # prefixes of keys the target does not use
+    ignore: list[str] = field(default_factory=list)  # prefixes of keys the target does not use
 
 
+@schema
 class KeyMapMapping(_Strict):
     """Prefix renames from the layouts a file may have to a module's own state-dict names
     (e.g. the OMG-Seg checkpoint or an open_clip state dict -> open_clip's vision tower)."""
@@ -232,7 +267,7 @@ class KeyMapMapping(_Strict):
     name: str
     description: str
     model: str  # what the keys load into
-    required: list[str] = Field(default_factory=list)  # target prefixes that must all be present
+    required: list[str] = field(default_factory=list)  # target prefixes that must all be present
     layouts: list[KeyLayout]
 
 
@@ -280,7 +315,7 @@ def load_registry(root: Path | None = None) -> Registry:
              "keymap": KeyMapMapping}
     reg = Registry({}, {}, {}, root)
     files = [(path, path.read_bytes()) for path in sorted(root.glob("*.toml"))]
-    cached = mapping_cache.load(files, kinds)  # validated before, byte-identical: no schema build
+    cached = mapping_cache.load(files, SCHEMAS)  # validated before, byte-identical: no pydantic
     loaded = []
     for i, (path, raw) in enumerate(files):
         try:
@@ -288,13 +323,13 @@ def load_registry(root: Path | None = None) -> Registry:
                 mapping = cached[i]
             else:
                 data = tomllib.loads(raw.decode("utf-8"))
-                mapping = kinds[data.get("kind", "")].model_validate(data)
+                mapping = _validate(kinds[data.get("kind", "")], data)
             loaded.append(mapping)
         except UnicodeDecodeError:
             raise InvalidArgument(f"{path}: invalid mapping: not UTF-8 text") from None
         except KeyError:
             raise InvalidArgument(f"{path}: 'kind' must be one of {sorted(kinds)}") from None
-        except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        except (tomllib.TOMLDecodeError, _Invalid) as exc:
             first = str(exc).splitlines()
             raise InvalidArgument(f"{path}: invalid mapping: {' '.join(first[:3])}") from None
         table = {"architecture": reg.architectures, "family": reg.families,
@@ -345,10 +380,32 @@ class KeyMatch:
         return stem.rsplit(".", 1)[-1]
 
 
-def template_regex(template: str) -> re.Pattern:
-    parts = re.split(r"(\{layer\})", template)
-    body = "".join("(?P<layer>[0-9]{1,9})" if p == "{layer}" else re.escape(p) for p in parts)
-    return re.compile(f"^{body}$")
+@dataclass(frozen=True)
+class TemplateMatch:
+    layer: str | None  # the digits `{layer}` stood for; None for a template without it
+
+
+class Template:
+    """A weight-name template, matched whole: literal text, where `{layer}` stands for 1-9
+    ASCII digits (at most one `{layer}` per template)."""
+
+    def __init__(self, template: str):
+        self.template = template
+        head, sep, tail = template.partition("{layer}")
+        if "{layer}" in tail:
+            raise InvalidArgument(f"template {template!r}: more than one {{layer}}")
+        self.head, self.tail, self.has_layer = head, tail, bool(sep)
+
+    def match(self, name: str) -> TemplateMatch | None:
+        if not self.has_layer:
+            return TemplateMatch(None) if name == self.template else None
+        if not (name.startswith(self.head) and name.endswith(self.tail)):
+            return None
+        digits = name[len(self.head):len(name) - len(self.tail)]
+        if 1 <= len(digits) <= 9 and digits.isascii() and digits.isdigit() \
+                and len(self.head) + len(digits) + len(self.tail) == len(name):
+            return TemplateMatch(digits)
+        return None
 
 
 _PEFT_SUFFIX = re.compile(
@@ -379,10 +436,10 @@ def split_peft(rest: str) -> tuple[str, Role]:
 class FamilyMatcher:
     def __init__(self, family: FamilyMapping, registry: Registry):
         self.family = family
-        self.entries: list[tuple[ComponentSpec, str, list[tuple[re.Pattern, WeightSpec]]]] = []
+        self.entries: list[tuple[ComponentSpec, str, list[tuple[Template, WeightSpec]]]] = []
         for comp in family.components:
             arch = registry.architecture(comp.architecture)
-            compiled = [(template_regex(w.name), w) for w in arch.weights]
+            compiled = [(Template(w.name), w) for w in arch.weights]
             for prefix in sorted(comp.prefixes, key=len, reverse=True):
                 self.entries.append((comp, prefix, compiled))
 
@@ -397,7 +454,7 @@ class FamilyMatcher:
                     continue
                 if role != "weight" and not spec.lora_target:
                     continue
-                layer = int(m.group("layer")) if "layer" in regex.groupindex else None
+                layer = int(m.layer) if m.layer is not None else None
                 group = group_name(comp.name, {"lora_A": "lora", "lora_B": "lora",
                                                "dora_magnitude": "dora"}.get(role, spec.group))
                 return KeyMatch(key, comp.name, weight, spec.name, group, role, layer, spec)

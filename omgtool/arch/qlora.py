@@ -76,7 +76,7 @@ def plan_qlora(fam, stage: str | None, mode: str, overrides: dict[str, Any] | No
     """The QLoRA plan for a merge of `names` (the model's tensor names; `trained`: those the
     checkpoint replaces with fully trained tensors, never quantized); None when the family
     records no QLoRA training, or it does not cover this stage, and mode is "original"."""
-    from omgtool.arch.mapping import template_regex
+    from omgtool.arch.mapping import Template
     from omgtool.kernels.nf4_settings import QuantSettings
 
     if mode not in MODES:
@@ -102,8 +102,8 @@ def plan_qlora(fam, stage: str | None, mode: str, overrides: dict[str, Any] | No
         settings = QuantSettings(**values)
     except ValueError as exc:
         raise InvalidArgument(f"QLoRA settings: {exc}") from None
-    patterns = [template_regex(base_prefix + t) for t in spec.quantized]
-    skipped_rx = [template_regex(base_prefix + t) for t in spec.skipped]
+    patterns = [Template(base_prefix + t) for t in spec.quantized]
+    skipped_rx = [Template(base_prefix + t) for t in spec.skipped]
     quantized = [n for n in names if n not in trained and any(rx.match(n) for rx in patterns)]
     skipped = [n for n in names if any(rx.match(n) for rx in skipped_rx)]
     plan = QloraPlan(mode, settings, sources, quantized, skipped, spec.skipped_source, spec.quantized_source,

@@ -20,6 +20,7 @@ import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
 from omgtool import __version__  # noqa: E402
+from omgtool.cli import plain_values  # noqa: E402
 from omgtool.cli.output import INTERRUPTED, fail, make_streams_safe, reset_state, silence_stdout, state  # noqa: E402
 
 # command name -> module under omgtool.cli
@@ -51,6 +52,7 @@ def build_command(name: str):
     single.command(name, help=mod.cli.__doc__, epilog=epilog(name))(guarded(with_common_options(mod.cli)))
     command = typer.main.get_command(single)
     command.name = name
+    plain_values.install(command)  # its values coerced without importing pydantic
     return command
 
 
@@ -75,6 +77,7 @@ class OmgGroup(TyperGroup):
         return super().resolve_command(ctx, args)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        plain_values.install(self)
         code = run_main(super().main, sys.argv[1:] if args is None else list(args), prog_name)
         if standalone_mode:
             sys.exit(code)

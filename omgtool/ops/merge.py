@@ -172,7 +172,7 @@ def _open_checkpoint(checkpoint: Path, family: str | None, alpha: float | None, 
 
 def _open_base(s: _Planning, base: str | Path | None, cwd: Path | None) -> None:
     """Resolve --base (or the adapter's base_model_name_or_path) to a full model folder."""
-    from omgtool.arch.mapping import template_regex
+    from omgtool.arch.mapping import Template
     from omgtool.formats import open_checkpoint
     from omgtool.formats.resolve import resolve_base
 
@@ -194,7 +194,7 @@ def _open_base(s: _Planning, base: str | Path | None, cwd: Path | None) -> None:
     # weights carry its base_prefix in the base's key names
     for c in s.fam.components:
         if c.name in s.model_comps:
-            s.comp_specs[c.name] = [(template_regex(c.base_prefix + w.name), w)
+            s.comp_specs[c.name] = [(Template(c.base_prefix + w.name), w)
                                     for w in s.registry.architecture(c.architecture).weights]
 
 
