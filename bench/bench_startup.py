@@ -34,25 +34,27 @@ import json, sys, time
 t = [time.perf_counter()]
 def mark(): t.append(time.perf_counter())
 import typer; mark()
-from pydantic import BaseModel, TypeAdapter; mark()
-from omgtool.arch import mapping; mark()
 from omgtool.cli.app import app; mark()
 import typer.main
 group = typer.main.get_command(app)
 ctx = group.make_context("omgtool", ["inspect", sys.argv[1], "--json"])
 cmd = group.get_command(ctx, "inspect"); mark()
 sub = cmd.make_context("inspect", [sys.argv[1], "--json"], parent=ctx); mark()
+from omgtool.arch import mapping; mark()
 mapping.load_registry(); mark()
 from omgtool.ops.inspect import build_report
 report = build_report(__import__("pathlib").Path(sys.argv[1]))[0]; mark()
 json.dumps(report, indent=2, default=str); mark()
-names = ["import typer (with its bundled click)", "import pydantic (Typer 0.29 coerces every parameter through it)",
-         "mapping schema classes (omgtool.arch.mapping)", "import omgtool.cli.app (no command modules)",
+names = ["import typer (with its bundled click)", "import omgtool.cli.app (no command modules)",
          "build the inspect command only (imports cli/inspect.py, ops/inspect.py)",
-         "parse its arguments (Typer: one pydantic TypeAdapter per parameter)",
-         "load mappings/*.toml (validated-mappings cache hit: no pydantic core schema built)",
+         "parse its arguments (omgtool.cli.plain_values: no pydantic TypeAdapter)",
+         "mapping schema classes (omgtool.arch.mapping: frozen dataclasses)",
+         "load mappings/*.toml (validated-mappings cache hit: no pydantic import)",
          "inspect itself (zip directory, opcode walk, key matching)", "JSON"]
-print(json.dumps({n: t[i + 1] - t[i] for i, n in enumerate(names)}))
+out = {n: t[i + 1] - t[i] for i, n in enumerate(names)}
+out["pydantic imported"] = "pydantic" in sys.modules
+out["torch imported"] = "torch" in sys.modules
+print(json.dumps(out))
 """
 
 
@@ -68,6 +70,10 @@ def main() -> None:
     py = sys.executable
 
     with tempfile.TemporaryDirectory() as tmp:
+        # every child byte-compiled, as an installed wheel is (pip compiles on install; this
+        # machine may set PYTHONDONTWRITEBYTECODE, which would make omgtool, and only omgtool,
+        # compile its sources in every run): one bytecode cache outside the tree, warmed first
+        compiled = {"PYTHONPYCACHEPREFIX": str(Path(tmp) / "pycache"), "PYTHONDONTWRITEBYTECODE": ""}
         old = Path(tmp) / "before"
         old.mkdir()
         archive = subprocess.run(["git", "archive", args.before, "omgtool", "mappings"], cwd=ROOT,
@@ -87,14 +93,19 @@ def main() -> None:
         # round-robin: every repetition runs each command once, so a burst of load on the shared
         # machine hits all rows alike; each row keeps its fastest run
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in commands}
+        for name, cmd, env in commands:  # warm-up: writes the bytecode, not counted
+            run_once(cmd, env={**compiled, **(env or {})})
         for _ in range(args.repeat):
             for name, cmd, env in commands:
-                runs[name].append(run_once(cmd, env=env))
+                runs[name].append(run_once(cmd, env={**compiled, **(env or {})}))
         rows = [(name, {"wall_s": min(r["wall_s"] for r in runs[name]), "cpu_s": min(r["cpu_s"] for r in runs[name]),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[name])}) for name, _, _ in commands]
-    parts = [json.loads(subprocess.run([py, "-c", BREAKDOWN, ckpt], cwd=ROOT, capture_output=True, text=True,
-                                       check=True).stdout) for _ in range(args.repeat)]
-    breakdown = {k: min(p[k] for p in parts) for k in parts[0]}
+        child_env = {**os.environ, **compiled}
+        child_env.pop("PYTHONDONTWRITEBYTECODE")
+        parts = [json.loads(subprocess.run([py, "-c", BREAKDOWN, ckpt], cwd=ROOT, capture_output=True, text=True,
+                                           env=child_env, check=True).stdout) for _ in range(args.repeat + 1)][1:]
+    flags = {k: parts[0][k] for k in ("pydantic imported", "torch imported")}
+    breakdown = {k: min(p[k] for p in parts) for k in parts[0] if k not in flags}
     wall = {name: r["wall_s"] for name, r in rows}
     torch_s = rows[-1][1]["wall_s"]
     before_s, now_s = rows[4][1]["wall_s"], rows[5][1]["wall_s"]
@@ -124,15 +135,16 @@ def main() -> None:
         f"time (before: {torch_cpu / before_cpu:.1f}x). On a loaded machine the CPU-time ratio is the steadier "
         "one: wall time then includes waiting for a core.",
         "",
-        f"The floor: Typer 0.29 coerces every non-flag parameter through a pydantic TypeAdapter, so any "
-        f"Typer command that takes a path imports pydantic; interpreter + Typer + pydantic alone take "
-        f"{floor_s:.3f} s ({floor_cpu:.3f} s CPU), i.e. at most {torch_s / floor_s:.1f}x ({torch_cpu / floor_cpu:.1f}x "
-        f"by CPU) against this torch listing before omgtool does anything. inspect adds "
-        f"{now_s - floor_s:.3f} s ({now_cpu - floor_cpu:.3f} s CPU) on top: the mapping schema classes, its own "
-        "modules and the work itself.",
+        f"The floor: interpreter + Typer alone take {rows[1][1]['wall_s']:.3f} s ({rows[1][1]['cpu_s']:.3f} s CPU), "
+        f"i.e. at most {torch_s / rows[1][1]['wall_s']:.1f}x ({torch_cpu / rows[1][1]['cpu_s']:.1f}x by CPU) against "
+        "this torch listing before omgtool does anything. Typer 0.29's own coercion would import pydantic for every "
+        f"parameter: interpreter + Typer + pydantic take {floor_s:.3f} s ({floor_cpu:.3f} s CPU), a ceiling of "
+        f"{torch_s / floor_s:.1f}x ({torch_cpu / floor_cpu:.1f}x by CPU) for any Typer command that lets it.",
         "",
         "Where the time goes now (one child process, perf_counter around each phase, fastest of "
-        f"{args.repeat}; interpreter start-up {wall['python -c pass (interpreter start-up)']:.3f} s comes first):",
+        f"{args.repeat}; interpreter start-up {wall['python -c pass (interpreter start-up)']:.3f} s comes first; "
+        f"pydantic imported: {'yes' if flags['pydantic imported'] else 'no'}, torch imported: "
+        f"{'yes' if flags['torch imported'] else 'no'}):",
         "",
         "| phase | s |",
         "|---|---:|",
@@ -141,14 +153,18 @@ def main() -> None:
     lines += [
         "",
         "What changed for start-up (issue 13): the CLI builds only the invoked command (`OmgGroup` imports "
-        "one command module; all of them only for the top-level `--help`), and validated mappings are cached "
-        "(`omgtool/arch/mapping_cache.py`), so a start-up over unchanged mappings builds no pydantic core "
-        "schema (the \"load mappings\" row; validating them cold takes about 0.025 s more). On a shared, "
-        "loaded machine neither ratio is steady to better than about ±1x between runs; the CPU-time one is "
-        "the better guide. What is left is mostly not omgtool's: Typer's own import and the pydantic import "
-        "its parameter coercion needs are about half of the total; the rest is the mapping schema classes "
-        "(pydantic class creation), the reader modules and the inspect itself. Getting well past 9x would "
-        "take a CLI layer whose argument parsing does not import pydantic.",
+        "one command module; all of them only for the top-level `--help`); validated mappings are cached "
+        "(`omgtool/arch/mapping_cache.py`) and their schemas are frozen dataclasses that pydantic validates "
+        "into only when a mapping file is new or edited, so a warm start imports no pydantic for them; the "
+        "commands' plain parameters (str, int, float, bool, Path and lists of them) are coerced by "
+        "`omgtool/cli/plain_values.py` exactly as Typer's pydantic TypeAdapters would "
+        "(`tests/test_plain_values.py` compares both on every parameter of every command), so parsing imports "
+        "no pydantic either; weight-name templates are matched whole by string tests, not compiled regexes. "
+        "Every child runs byte-compiled (a bytecode cache outside the tree, warmed by one uncounted run), as an "
+        "installed wheel does: this machine sets PYTHONDONTWRITEBYTECODE, which without the cache makes omgtool "
+        "(and only omgtool: site-packages ship compiled) compile its own sources in every run. On a shared, "
+        "loaded machine neither ratio is steady to better than about ±1x between runs; the CPU-time one is the "
+        "better guide.",
         "",
     ]
     write_report(args.out, lines)

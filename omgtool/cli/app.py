@@ -76,8 +76,11 @@ class OmgGroup(TyperGroup):
             raise InvalidArgument(f"no command {name!r}; commands: {', '.join(COMMANDS)}")
         return super().resolve_command(ctx, args)
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         plain_values.install(self)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         code = run_main(super().main, sys.argv[1:] if args is None else list(args), prog_name)
         if standalone_mode:
             sys.exit(code)
