@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from bench.bench_merge import fit, real_inputs
-from bench.measure import machine, measure, write_report
+from bench.measure import machine, run_once, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -44,18 +44,27 @@ def _warm(paths: list[Path]) -> None:
 
 
 def run_layers(data: dict[str, Path], repeat: int) -> dict:
+    """Each mode `repeat` times, round-robin (a burst of load on the shared machine hits every
+    mode alike); each keeps its fastest run."""
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     res: dict = {}
     out = data["dir"] / "out"
-    for mode, extra in MODES.items():
-        _warm([data["ckpt"], data["base"]])
-        shutil.rmtree(out, ignore_errors=True)
-        res[mode] = measure([PY, "-m", "omgtool.cli", "merge-lora", str(data["ckpt"]), "--base", str(data["base"]),
-                             "--out", str(out), "--force", "--json", *extra], repeat=repeat, pick="min")
-        res[mode]["load_average"] = os.getloadavg()[0]
-        record = json.loads((out / "omgtool-merge.json").read_text())
-        if "qlora" in record:
-            res[mode]["qlora_summary"] = record["qlora"]["summary"]
-        shutil.rmtree(out, ignore_errors=True)
+    for _ in range(repeat):
+        for mode, extra in MODES.items():
+            _warm([data["ckpt"], data["base"]])
+            shutil.rmtree(out, ignore_errors=True)
+            runs[mode].append(run_once([PY, "-m", "omgtool.cli", "merge-lora", str(data["ckpt"]), "--base",
+                                        str(data["base"]), "--out", str(out), "--force", "--json", *extra]))
+            runs[mode][-1]["load_average"] = os.getloadavg()[0]
+            record = json.loads((out / "omgtool-merge.json").read_text())
+            if "qlora" in record:
+                res.setdefault(mode, {})["qlora_summary"] = record["qlora"]["summary"]
+            shutil.rmtree(out, ignore_errors=True)
+    for mode, rs in runs.items():
+        res.setdefault(mode, {}).update({
+            "wall_s": min(r["wall_s"] for r in rs), "cpu_s": min(r["cpu_s"] for r in rs),
+            "wall_runs": [round(r["wall_s"], 2) for r in rs], "cpu_runs": [round(r["cpu_s"], 2) for r in rs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "load_average": max(r["load_average"] for r in rs)})
     return res
 
 
@@ -128,7 +137,7 @@ def render(results: dict[int, dict], kernels: dict, args) -> None:
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {machine()}; no GPU ({os.cpu_count()} CPU cores, shared with other engineers' jobs: each row "
-        f"is the fastest of {args.repeat} runs, CPU time beside it)",
+        f"is the fastest of {args.repeat} runs, the modes run round-robin, CPU time beside it)",
         *([f"- load average after each run: {min(loads):.1f} to {max(loads):.1f}"] if loads else []),
         "- data: `python -m fixtures.generate --size real --layers N --what base,finetune` (hidden 4096, ffn "
         "14336, vocab 92548, bf16 base, LoRA r=512 fp32 on wqkv/wo/w1/w3/w2 + output)",

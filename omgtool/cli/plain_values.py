@@ -141,7 +141,10 @@ def install(command) -> int:
         descriptor = getattr(param, "type_descriptor", None)
         if descriptor is None or getattr(param, "_runtime_param", False) is not None:
             continue
-        leaf = _leaf(descriptor)
+        try:
+            leaf = _leaf(descriptor)
+        except AttributeError:  # a Typer whose descriptors differ: its own coercion
+            leaf = None
         if leaf is None:
             continue
         param._runtime_param = runtime(parameter_info=descriptor.parameter_info,

@@ -113,7 +113,8 @@ def block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     # on the CPU in steps whose float32 temporaries stay in cache; on a GPU in one
     step = max(1, SUB_ELEMENTS // blocksize) if blocks.device.type == "cpu" else max(1, blocks.shape[0])
     for start in range(0, blocks.shape[0], step):
-        torch.amax(blocks[start:start + step].float().abs(), dim=1, out=out[start:start + step])
+        widened = blocks[start:start + step].to(torch.float32, copy=True)  # never the input itself
+        torch.amax(widened.abs_(), dim=1, out=out[start:start + step])
     return out
 
 
