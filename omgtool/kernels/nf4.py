@@ -110,11 +110,16 @@ def block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     round; torch's fp16/bf16 reductions on the CPU are several times slower than float32's)."""
     blocks = _padded_blocks(x, blocksize)
     out = torch.empty(blocks.shape[0], dtype=torch.float32, device=blocks.device)
-    # on the CPU in steps whose float32 temporaries stay in cache; on a GPU in one
-    step = max(1, SUB_ELEMENTS // blocksize) if blocks.device.type == "cpu" else max(1, blocks.shape[0])
-    for start in range(0, blocks.shape[0], step):
-        widened = blocks[start:start + step].to(torch.float32, copy=True)  # never the input itself
-        torch.amax(widened.abs_(), dim=1, out=out[start:start + step])
+    if blocks.device.type != "cpu":
+        return torch.amax(blocks.abs().float(), dim=1, out=out)
+    # on the CPU: one intra-op thread (in a merge the writer and hasher threads hold cores, and
+    # threads meeting at each small op's barrier made this pass 100x slower), in steps whose
+    # float32 temporaries stay in cache
+    step = max(1, SUB_ELEMENTS // blocksize)
+    with _one_thread():
+        for start in range(0, blocks.shape[0], step):
+            widened = blocks[start:start + step].to(torch.float32, copy=True)  # never the input itself
+            torch.amax(widened.abs_(), dim=1, out=out[start:start + step])
     return out
 
 
