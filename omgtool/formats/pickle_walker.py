@@ -63,7 +63,7 @@ class _LimitReached(MalformedPickle):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     dtype: str
     key: str
@@ -72,7 +72,7 @@ class StorageRef:
     extra: tuple = ()  # persistent-id fields past the 5th (legacy files: view_metadata)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorRef:
     storage: StorageRef
     storage_offset: int
@@ -80,7 +80,7 @@ class TensorRef:
     stride: tuple[int, ...]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Opaque:
     """Inert stand-in for an allowlisted non-tensor object (a device, a numpy scalar)."""
 
@@ -90,7 +90,7 @@ class Opaque:
         return f"<{self.what}>"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Refused:
     """Stand-in for anything built from a non-safe global; already reported.
 
@@ -105,6 +105,8 @@ class Refused:
 
 class StateDict(dict):
     """collections.OrderedDict stand-in; keeps BUILD state (e.g. `_metadata`) aside."""
+
+    __slots__ = ("attrs",)
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -187,12 +189,14 @@ class _Memo:
             self.sparse[key] = value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageType:
     dtype: str
 
 
 class _TypeMarker:
+    __slots__ = ("name",)
+
     def __init__(self, name: str):
         self.name = name
 
