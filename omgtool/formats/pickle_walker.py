@@ -149,6 +149,12 @@ class IdentitySet:
         page[byte] |= bit
         return False
 
+    def discard(self, obj) -> None:
+        slot = id(obj) >> 4
+        page = self._pages.get(slot >> 16)
+        if page is not None:
+            page[(slot & 0xFFFF) >> 3] &= ~(1 << (slot & 7)) & 0xFF
+
     def __contains__(self, obj) -> bool:
         slot = id(obj) >> 4
         page = self._pages.get(slot >> 16)
@@ -731,7 +737,11 @@ def _op_pop(m):
 def _op_put(m, key):
     if key < 0:
         raise MalformedPickle("negative PUT argument")
-    m.memo[key] = m.top()
+    dense = m.memo.dense
+    if key == len(dense) and not m.memo.sparse:  # what picklers write: the next key
+        dense.append(m.top())
+    else:
+        m.memo[key] = m.top()
 
 
 def _op_get(m, key):
@@ -1077,11 +1087,11 @@ def _sanitize(value, depth: int = 0, seen: IdentitySet | None = None, flat: Iden
     ident = id(value)
     if ident in path:
         return Opaque("cycle")
-    if value in seen:  # shared (memo) structure: only flat leaves are repeated, so a DAG never explodes
+    if seen.add(value):  # shared (memo) structure: only flat leaves are repeated, so a DAG never explodes
         return value if value in flat else Opaque("shared reference")
     if depth >= MAX_VALUE_DEPTH:
+        seen.discard(value)  # not expanded here: a shallower reference still expands it
         return Opaque("nested too deep")
-    seen.add(value)
     if not isinstance(value, dict) and not any(isinstance(v, (dict, list, tuple, set, frozenset)) for v in value):
         flat.add(value)
         return value  # no item of a flat container is replaced (sets hold scalars and identity keys only)
