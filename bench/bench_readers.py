@@ -1,9 +1,11 @@
 """Benchmark: hostile inputs under 10 MB stay under 10 s and 200 MB peak RSS.
 
 Builds crafted files (many tensors, a 10 MB safetensors header, a zip of many members,
-a wide metadata pickle, a deflate bomb, a zero-stride view for --stats) under /tmp and
-measures `omgtool inspect --json` (and `--stats` where it applies) on each as a child
-process, against the tiny fixture's `inspect --json` in the same run as the baseline.
+wide metadata pickles: ints and strings, small strings, floats, a large dict, nested lists;
+a deflate bomb, a zero-stride view for --stats) under /tmp and measures `omgtool inspect
+--json` (and `--stats` where it applies) on each as a child process, and `omgtool diff
+--json` of the wide-metadata file against itself, against the tiny fixture's `inspect
+--json` in the same run as the baseline.
 Optionally records a long fuzz run. Writes docs/benchmarks/readers.md.
 
     python -m bench.bench_readers [--fuzz-cases 20000] [--fuzz-seed 1]
@@ -72,6 +74,43 @@ def _wide_metadata(path: Path) -> str:
     return "torch zip, 1.2M metadata values"
 
 
+def _wide_strings(path: Path) -> str:
+    import torch
+
+    from tests.ckpt_builders import data_pkl, tensor_entry, write_torch_zip
+
+    names = [f"{i:x}"[-4:] for i in range(1_200_000)]  # distinct objects: no memo (1M is its cap)
+    write_torch_zip(path, data_pkl({"w": tensor_entry("0", torch.FloatStorage, 2, (2,)), "names": names},
+                                   protocol=4, memo=False), {"0": bytes(8)})
+    return "torch zip, 1.2M small strings (no memo)"
+
+
+def _wide_floats(path: Path) -> str:
+    import torch
+
+    torch.save({"w": torch.ones(2), "losses": [i + 0.5 for i in range(1_100_000)]}, path)
+    return "torch zip, 1.1M floats"
+
+
+def _wide_dict(path: Path) -> str:
+    import torch
+
+    torch.save({"w": torch.ones(2), "table": {f"k{i}": i for i in range(600_000)}}, path, pickle_protocol=4)
+    return "torch zip, a dict of 600k entries"
+
+
+def _nested_lists(path: Path) -> str:
+    import torch
+
+    def chain(leaf):
+        for _ in range(95):
+            leaf = [leaf]
+        return leaf
+
+    torch.save({"w": torch.ones(2), "nested": [chain(i) for i in range(10_000)]}, path)
+    return "torch zip, 10,000 lists nested 95 deep"
+
+
 def _deflate_bomb(path: Path) -> str:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", b"(" * (1 << 30), compress_type=zipfile.ZIP_DEFLATED)
@@ -92,8 +131,13 @@ CASES = [("big_header.safetensors", _safetensors_big_header, []),
          ("many_tensors.pth", _zip_many_tensors, []),
          ("many_members.pth", _zip_many_members, []),
          ("wide_metadata.pth", _wide_metadata, []),
+         ("wide_strings.pth", _wide_strings, []),
+         ("wide_floats.pth", _wide_floats, []),
+         ("wide_dict.pth", _wide_dict, []),
+         ("nested_lists.pth", _nested_lists, []),
          ("deflate_bomb.pth", _deflate_bomb, []),
          ("zero_stride.pth", _zero_stride, ["--stats"])]
+DIFFS = ["wide_metadata.pth"]  # `omgtool diff --json FILE FILE`: both sides walked and summarised
 
 
 def main() -> None:
@@ -116,16 +160,22 @@ def main() -> None:
     for name, _, extra in CASES:
         path = WORK / name
         what = whats[name]
-        m = measure(OMG + ["inspect", "--json", *extra, str(path)], repeat=3, ok_codes=(0, 2))
+        m = measure(OMG + ["inspect", "--json", *extra, str(path)], repeat=3, ok_codes=(0, 2, 3))  # 3: refused
         rows.append((what, path.stat().st_size, m))
         print(what, m["wall_s"], m["peak_rss_mb"], m["rc"], file=sys.stderr)
+    for name in DIFFS:
+        path = WORK / name
+        m = measure(OMG + ["diff", "--json", str(path), str(path)], repeat=3, ok_codes=(0, 1))
+        rows.append((f"{whats[name]}: `diff --json` against itself", path.stat().st_size, m))
+        print(name, "diff", m["wall_s"], m["peak_rss_mb"], m["rc"], file=sys.stderr)
     lines = [
         "## readers: hostile inputs and the fuzz harness",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()} (shared with five other engineers' jobs)",
         "- command: `python -m bench.bench_readers` (each row: median wall of 3 child-process runs of "
-        "`omgtool inspect --json FILE`, peak RSS = max ru_maxrss); targets: < 10 s, < 200 MB for any file "
+        "`omgtool inspect --json FILE`, or `omgtool diff --json FILE FILE` where the row says so, peak RSS = "
+        "max ru_maxrss); targets: < 10 s, < 200 MB for any file "
         "under 10 MB",
         "",
         "| input | file size | exit | wall (s) | × baseline wall | peak RSS (MB) |",

@@ -47,9 +47,13 @@ def tensor_entry(key: str, storage_type, storage_numel: int, shape, stride=None,
     return _TensorStub(_Storage(key, storage_type, storage_numel), offset, shape, stride)
 
 
-def data_pkl(obj, protocol: int = 2) -> bytes:
+def data_pkl(obj, protocol: int = 2, memo: bool = True) -> bytes:
+    """`memo=False`: no PUT/MEMOIZE at all (the pickler's fast mode), so a million values stay
+    within the walker's memo cap; torch.load reads it all the same."""
     buf = io.BytesIO()
-    _TorchPickler(buf, protocol=protocol).dump(obj)
+    pickler = _TorchPickler(buf, protocol=protocol)
+    pickler.fast = not memo
+    pickler.dump(obj)
     return buf.getvalue()
 
 

@@ -136,6 +136,9 @@ for i in range(60):
     laughs += b"]q" + bytes([i + 1]) + b"(h" + bytes([i]) + b"h" + bytes([i]) + b"e0"
 laughs += b"h" + bytes([60]) + b"."
 cases["laughs"] = bytes(laughs)
+# one flat list of 200,000 values, then a list holding it 200,000 times (through the memo):
+# each repeat is recognised in constant time, not by re-reading the 200,000 values
+cases["shared_flat"] = b"\x80\x02]q\x00(" + b"K\x01" * 200_000 + b"e](" + b"h\x00" * 200_000 + b"e."
 out = {}
 for name, raw in cases.items():
     start = time.perf_counter()
@@ -171,3 +174,4 @@ def test_hostile_resource_use_finishes_fast_with_bounded_memory():
     assert out["memo_flood"]["findings"] == ["<scan stopped>"]
     assert out["huge_unicode8"]["status"] == "malformed"
     assert out["cycle"]["status"] == out["laughs"]["status"] == out["deep_tuple"]["status"] == "ok"
+    assert out["shared_flat"]["status"] == "ok"

@@ -12,11 +12,12 @@ share and even cycle references), so no input can overflow the stack or loop.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 from omgtool.formats.base import printable_name
-from omgtool.formats.pickle_walker import TensorRef
+from omgtool.formats.pickle_walker import IdentitySet, TensorRef
 
 # Keys training code wraps a model's state dict under (DeepSpeed, Lightning, timm, ...).
 MODEL_WRAPPERS = ("state_dict", "module", "model", "model_state", "model_state_dict", "model_states",
@@ -57,39 +58,71 @@ def _children(obj: Any):
     return ((str(i), v) for i, v in enumerate(obj))
 
 
+def _raw_children(obj: Any):
+    """(raw key, value) pairs; the display key (`_display_key`) is built only where it is needed."""
+    return obj.items() if isinstance(obj, dict) else enumerate(obj)
+
+
+def _display_key(obj: Any, raw: Any) -> str:
+    return printable_name(str(raw)) if isinstance(obj, dict) else str(raw)
+
+
 def _is_container(obj: Any) -> bool:
     return isinstance(obj, (dict, list, tuple))
 
 
 def walk_tensors(root: Any) -> tuple[list[tuple[tuple[str, ...], TensorRef]], dict[tuple[str, ...], int]]:
-    """Every tensor with its path, in pickle order; and per dict (by path) its direct tensor count."""
+    """Every tensor with its path, in pickle order; and per dict holding tensors directly (by path)
+    its direct tensor count.
+
+    Depth-first with one iterator per open container, so the memory is the depth, not the
+    width: a list of a million scalars costs no object per value. Each container is expanded
+    once (`IdentitySet`: a bitmap, not a set of ids)."""
     found: list[tuple[tuple[str, ...], TensorRef]] = []
     dicts: dict[tuple[str, ...], int] = {}
-    seen: set[int] = set()
-    stack: list[tuple[Any, tuple[str, ...]]] = [(root, ())]
-    while stack:
-        obj, path = stack.pop()
-        if isinstance(obj, TensorRef):
-            found.append((path, obj))
-            continue
-        if not _is_container(obj) or id(obj) in seen:
-            continue
-        seen.add(id(obj))
+    if isinstance(root, TensorRef):
+        return [((), root)], dicts
+    seen = IdentitySet()
+    stack: list[tuple[Any, tuple[str, ...], Any]] = []
+
+    def expand(obj: Any, path: tuple[str, ...]) -> None:
+        if not _is_container(obj) or seen.add(obj):
+            return
         if len(path) >= MAX_DEPTH:
             raise TooDeep(f"containers nested deeper than {MAX_DEPTH} levels")
-        kids = list(_children(obj))
+        if not obj:
+            return
         if isinstance(obj, dict):
-            dicts[path] = sum(isinstance(v, TensorRef) for _, v in kids)
-        for key, value in reversed(kids):  # reversed: the stack pops them in order
-            if isinstance(value, TensorRef) or _is_container(value):
-                stack.append((value, (*path, key)))
+            count = sum(isinstance(v, TensorRef) for v in obj.values())
+            if count:
+                dicts[path] = count
+        stack.append((obj, path, iter(_raw_children(obj))))
+
+    expand(root, ())
+    while stack:
+        obj, path, kids = stack[-1]
+        for raw, value in kids:
+            if isinstance(value, TensorRef):
+                found.append(((*path, _display_key(obj, raw)), value))
+            elif _is_container(value):
+                expand(value, (*path, _display_key(obj, raw)))
+                if stack[-1][2] is not kids:
+                    break  # descend into it; this container's iterator resumes after
+        else:
+            stack.pop()
     return found, dicts
 
 
 def _lookup(root: Any, path: tuple[str, ...]) -> Any:
     obj = root
     for key in path:
-        obj = dict(_children(obj)).get(key) if _is_container(obj) else None
+        if not _is_container(obj):
+            return None
+        match = None
+        for name, value in _children(obj):  # the last of equal display names, as dict() keeps it
+            if name == key:
+                match = value
+        obj = match
     return obj
 
 
@@ -172,10 +205,10 @@ def _metadata(root: Any, model: tuple[str, ...] | None) -> dict[str, Any]:
     budget = [SUMMARY_BUDGET]
     if isinstance(root, dict):
         if model_obj is root:
-            items = [(k, v) for k, v in _children(root) if not isinstance(v, TensorRef)]
+            items = ((k, v) for k, v in _children(root) if not isinstance(v, TensorRef))
         else:
-            items = [(k, v) for k, v in _children(root) if v is not model_obj]
-        return {k: summarize(v, model_obj, budget) for k, v in items[:SUMMARY_ITEMS]}
+            items = ((k, v) for k, v in _children(root) if v is not model_obj)
+        return {k: summarize(v, model_obj, budget) for k, v in itertools.islice(items, SUMMARY_ITEMS)}
     if root is None:
         return {}
     return {"saved_object": summarize(root, model_obj, budget)}

@@ -63,7 +63,7 @@ class _LimitReached(MalformedPickle):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     dtype: str
     key: str
@@ -72,7 +72,7 @@ class StorageRef:
     extra: tuple = ()  # persistent-id fields past the 5th (legacy files: view_metadata)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorRef:
     storage: StorageRef
     storage_offset: int
@@ -80,7 +80,7 @@ class TensorRef:
     stride: tuple[int, ...]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Opaque:
     """Inert stand-in for an allowlisted non-tensor object (a device, a numpy scalar)."""
 
@@ -90,7 +90,7 @@ class Opaque:
         return f"<{self.what}>"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Refused:
     """Stand-in for anything built from a non-safe global; already reported.
 
@@ -105,6 +105,8 @@ class Refused:
 
 class StateDict(dict):
     """collections.OrderedDict stand-in; keeps BUILD state (e.g. `_metadata`) aside."""
+
+    __slots__ = ("attrs",)
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -124,12 +126,83 @@ class _IdKey:
         return repr(self.value)[:80]
 
 
-@dataclass(frozen=True)
+class IdentitySet:
+    """Objects by identity, as a bitmap over their addresses: 8 KiB per MiB of heap that holds a
+    member, instead of an int object and a hash slot per member (a million containers cost
+    tens of megabytes as a `set` of ids). Every live object spans at least 16 bytes, so
+    `id >> 4` tells live objects apart; members must stay alive while the set is used."""
+
+    __slots__ = ("_pages",)
+
+    def __init__(self):
+        self._pages: dict[int, bytearray] = {}
+
+    def add(self, obj) -> bool:
+        """Add `obj`; True when it was already a member."""
+        slot = id(obj) >> 4
+        page = self._pages.get(slot >> 16)
+        if page is None:
+            page = self._pages[slot >> 16] = bytearray(8192)
+        byte, bit = (slot & 0xFFFF) >> 3, 1 << (slot & 7)
+        if page[byte] & bit:
+            return True
+        page[byte] |= bit
+        return False
+
+    def discard(self, obj) -> None:
+        slot = id(obj) >> 4
+        page = self._pages.get(slot >> 16)
+        if page is not None:
+            page[(slot & 0xFFFF) >> 3] &= ~(1 << (slot & 7)) & 0xFF
+
+    def __contains__(self, obj) -> bool:
+        slot = id(obj) >> 4
+        page = self._pages.get(slot >> 16)
+        return page is not None and bool(page[(slot & 0xFFFF) >> 3] & (1 << (slot & 7)))
+
+
+class _Memo:
+    """The unpickler's memo: a list for the keys 0..n-1 that picklers write (PUT n in order,
+    MEMOIZE), a dict for any other key. 8 bytes per entry, not a dict slot and an int key."""
+
+    __slots__ = ("dense", "sparse")
+
+    def __init__(self):
+        self.dense: list = []
+        self.sparse: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dense) + len(self.sparse)
+
+    def __contains__(self, key: int) -> bool:
+        return 0 <= key < len(self.dense) or key in self.sparse
+
+    def __getitem__(self, key: int):
+        if 0 <= key < len(self.dense):
+            return self.dense[key]
+        return self.sparse[key]
+
+    def __setitem__(self, key: int, value) -> None:
+        dense = self.dense
+        if key < len(dense):
+            dense[key] = value
+        elif key == len(dense):
+            dense.append(value)
+            sparse = self.sparse
+            while sparse and len(dense) in sparse:  # keys put ahead of order join the list
+                dense.append(sparse.pop(len(dense)))
+        else:
+            self.sparse[key] = value
+
+
+@dataclass(frozen=True, slots=True)
 class StorageType:
     dtype: str
 
 
 class _TypeMarker:
+    __slots__ = ("name",)
+
     def __init__(self, name: str):
         self.name = name
 
@@ -390,7 +463,7 @@ class _Machine:
         self.embedded_budget = MAX_EMBEDDED_OPCODES
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
-        self.memo: dict[int, Any] = {}
+        self.memo = _Memo()
         self.proto = 0
         self.result = WalkResult(value=None)
         self.op_pos = start
@@ -497,6 +570,7 @@ class _Machine:
         src = self.src
         table = _DISPATCH
         count = 0
+        memo_dense, memo_sparse = self.memo.dense, self.memo.sparse
         try:
             while True:
                 idx = src.idx
@@ -511,7 +585,7 @@ class _Machine:
                     raise MalformedPickle(f"invalid load key {bytes([code])!r} at {self.op_pos}")
                 self.op_name, handler = entry
                 count += 1
-                if count > self.max_opcodes or len(self.memo) > MAX_MEMO:
+                if count > self.max_opcodes or len(memo_dense) + len(memo_sparse) > MAX_MEMO:
                     self.result.opcodes = count
                     raise _LimitReached("opcode or memo limit")
                 if handler is None:  # STOP
@@ -663,13 +737,21 @@ def _op_pop(m):
 def _op_put(m, key):
     if key < 0:
         raise MalformedPickle("negative PUT argument")
-    m.memo[key] = m.top()
+    dense = m.memo.dense
+    if key == len(dense) and not m.memo.sparse:  # what picklers write: the next key
+        dense.append(m.top())
+    else:
+        m.memo[key] = m.top()
 
 
 def _op_get(m, key):
-    if key not in m.memo:
+    dense = m.memo.dense
+    if 0 <= key < len(dense):
+        m.push(dense[key])
+        return
+    if key not in m.memo.sparse:
         raise MalformedPickle(f"memo value not found at index {key}")
-    m.push(m.memo[key])
+    m.push(m.memo.sparse[key])
 
 
 def _append_to(m, target, items):
@@ -884,7 +966,8 @@ def _op_dup(m):
 
 
 def _op_memoize(m):
-    m.memo[len(m.memo)] = m.top()
+    memo = m.memo
+    memo[len(memo)] = m.top()
 
 
 def _op_pop_mark(m):
@@ -986,11 +1069,17 @@ def _signed_len(m) -> int:
 _STUB_SET = {v for v in ALLOWED_GLOBALS.values() if callable(v) and not isinstance(v, _TypeMarker)} | _CALLABLE_STUBS
 
 
-def _sanitize(value, depth: int = 0, seen: dict | None = None, path: set | None = None):
+def _sanitize(value, depth: int = 0, seen: IdentitySet | None = None, flat: IdentitySet | None = None,
+              path: set | None = None):
     """The walked value with cycles, over-deep nesting and repeated non-flat shared structure
-    replaced by Opaque stand-ins, so consumers can recurse over it safely."""
+    replaced by Opaque stand-ins, so consumers can recurse over it safely.
+
+    In place: lists and dicts keep their identity and get their replaced items written back;
+    a tuple is rebuilt only when one of its items was replaced. No copy of the value is made,
+    and the expanded containers are remembered in bitmaps (`seen`, and `flat`: those that held
+    no container when they were expanded), so a million-value list costs no per-value memory."""
     if seen is None:
-        seen, path = {}, set()
+        seen, flat, path = IdentitySet(), IdentitySet(), set()
     if isinstance(value, _IdKey):
         value = value.value
     if not isinstance(value, (dict, list, tuple, set, frozenset)) or not value:
@@ -998,29 +1087,41 @@ def _sanitize(value, depth: int = 0, seen: dict | None = None, path: set | None 
     ident = id(value)
     if ident in path:
         return Opaque("cycle")
-    if ident in seen:  # shared (memo) structure: only flat leaves are repeated, so a DAG never explodes
-        flat = not isinstance(value, dict) and all(not isinstance(v, (dict, list, tuple, set, frozenset))
-                                                   for v in value)
-        return seen[ident] if flat else Opaque("shared reference")
+    if seen.add(value):  # shared (memo) structure: only flat leaves are repeated, so a DAG never explodes
+        return value if value in flat else Opaque("shared reference")
     if depth >= MAX_VALUE_DEPTH:
+        seen.discard(value)  # not expanded here: a shallower reference still expands it
         return Opaque("nested too deep")
+    if not isinstance(value, dict) and not any(isinstance(v, (dict, list, tuple, set, frozenset)) for v in value):
+        flat.add(value)
+        return value  # no item of a flat container is replaced (sets hold scalars and identity keys only)
+    if isinstance(value, (set, frozenset)):
+        return value
     path.add(ident)
     try:
         if isinstance(value, dict):
-            out = StateDict() if isinstance(value, StateDict) else {}
-            for k, v in value.items():
-                if isinstance(k, _IdKey):
-                    k = _IdKey(_sanitize(k.value, depth + 1, seen, path))
-                out[k] = _sanitize(v, depth + 1, seen, path)
-            if isinstance(value, StateDict):
-                out.attrs = value.attrs
+            for k, v in value.items():  # only existing keys' values are written back: the dict keeps its size
+                if isinstance(k, _IdKey):  # hashed by identity: its value can be replaced in place
+                    k.value = _sanitize(k.value, depth + 1, seen, flat, path)
+                new = _sanitize(v, depth + 1, seen, flat, path)
+                if new is not v:
+                    value[k] = new
+            out = value
         elif isinstance(value, list):
-            out = [_sanitize(v, depth + 1, seen, path) for v in value]
-        elif isinstance(value, tuple):
-            out = tuple(_sanitize(v, depth + 1, seen, path) for v in value)
+            for i, v in enumerate(value):
+                new = _sanitize(v, depth + 1, seen, flat, path)
+                if new is not v:
+                    value[i] = new
+            out = value
         else:
-            out = value  # sets hold scalars and identity keys only
+            items = None
+            for i, v in enumerate(value):
+                new = _sanitize(v, depth + 1, seen, flat, path)
+                if new is not v and items is None:
+                    items = list(value[:i])
+                if items is not None:
+                    items.append(new)
+            out = value if items is None else tuple(items)
     finally:
         path.discard(ident)
-    seen[ident] = out
     return out
