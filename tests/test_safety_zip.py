@@ -103,3 +103,48 @@ def test_file_opcode_budget_spans_members(tmp_path, monkeypatch):
     assert result.findings and {f.name for f in result.findings} == {"<scan stopped>"}
     monkeypatch.setattr(scan, "MAX_FILE_OPCODES", 10_000)
     assert scan.scan_file(path).verdict == "safe"
+
+
+def _memory_peak(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("view", ["torch", "zipfile"])
+def test_a_deflate_bomb_is_not_inflated_past_the_cap(tmp_path, view):
+    import io
+
+    from omgtool.formats import scan
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # 2x the cap of MARK opcodes, about 130 KB
+        zf.writestr("archive/data.pkl", b"(" * (2 * scan.MAX_INFLATED_BYTES), compress_type=zipfile.ZIP_DEFLATED)
+    path = tmp_path / "bomb.pth"
+    # "zipfile": data prepended to the archive; only Python's zipfile corrects its offsets
+    path.write_bytes((b"\0" * 4096 if view == "zipfile" else b"") + buf.getvalue())
+    result, peak = _memory_peak(lambda: scan_file(path))
+    assert result.verdict == "unknown"
+    unscanned = [f.member for f in result.findings if f.name == "<member not scanned>"]
+    assert unscanned and all(("(zipfile view)" in m) == (view == "zipfile") for m in unscanned), result.findings
+    assert peak < scan.MAX_INFLATED_BYTES + (8 << 20)  # never the whole 128 MiB
+
+
+def test_a_large_compressed_npy_without_objects_is_scanned_by_its_header(tmp_path):
+    import numpy as np
+
+    from omgtool.formats import scan
+
+    path = tmp_path / "big.npz"
+    np.savez_compressed(path, zeros=np.zeros(scan.MAX_INFLATED_BYTES // 8 + 1024, dtype=np.float64))
+    result, peak = _memory_peak(lambda: scan_file(path))
+    assert result.verdict != "unknown" and not result.findings, result.findings
+    assert result.kind == "npz" and peak < 16 << 20
+    objects = tmp_path / "objects.npz"
+    np.savez_compressed(objects, a=np.array([{"k": 1}] * 4, dtype=object))
+    assert scan_file(objects).streams  # an object array's pickle is still walked

@@ -23,6 +23,7 @@ import mmap
 import re
 import tarfile
 import zipfile
+import zlib
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PICKLES = 5  # magic, protocol, sys_info, data, storage keys; raw storages follow
 MAX_STREAMS = 64
 MAX_MEMBER_BYTES = 1 << 30
+# a compressed member is inflated in memory to be scanned: no more than this (the reader's own
+# cap for an inflated data.pkl, formats/torch_file.py); past it the member is "not scanned"
+# (unknown), except a .npy whose header says it holds no objects (its data is never a pickle)
+MAX_INFLATED_BYTES = 64 << 20
+_HEAD_BYTES = 64 << 10
 MAX_MEMBERS = 100_000
 MAX_NESTING = 2
 MAX_FILE_OPCODES = 8_000_000  # every stream of one file together: any file scans in seconds
@@ -260,7 +266,13 @@ class _Scan:
                 if _STORAGE_MEMBER.fullmatch(m.name):
                     continue
                 try:
-                    raw = archive.read(m, MAX_MEMBER_BYTES)
+                    if m.is_stored:
+                        raw = archive.read(m, MAX_MEMBER_BYTES)
+                    elif m.size > MAX_INFLATED_BYTES and self._plain_npy(archive.read_prefix(m, _HEAD_BYTES),
+                                                                          label + m.name):
+                        continue
+                    else:
+                        raw = archive.read(m, MAX_INFLATED_BYTES)
                 except ZipError as exc:
                     self._unscanned(label + m.name, str(exc))
                     continue
@@ -278,18 +290,33 @@ class _Scan:
                 for info in infos:
                     if info.header_offset in scanned or _STORAGE_MEMBER.fullmatch(info.filename):
                         continue
+                    name = label + info.filename + " (zipfile view)"
+                    limit = MAX_MEMBER_BYTES if info.compress_type == zipfile.ZIP_STORED else MAX_INFLATED_BYTES
                     if info.file_size > MAX_MEMBER_BYTES:
-                        self._unscanned(label + info.filename, "larger than 1 GiB")
+                        self._unscanned(name, "larger than 1 GiB")
                         continue
                     try:
+                        if info.file_size > limit:  # zipfile never inflates past the declared size
+                            with zf.open(info) as fh:
+                                if not self._plain_npy(fh.read(_HEAD_BYTES), name):
+                                    self._unscanned(name, f"inflates to {info.file_size} bytes, past {limit}")
+                            continue
                         raw = zf.read(info)
                     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
-                            RuntimeError) as exc:
+                            RuntimeError, zlib.error) as exc:
                         self.result.notes.append(f"zipfile cannot read {info.filename[:80]} ({exc})")
                         continue
-                    self.member(raw, label + info.filename + " (zipfile view)", depth)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError):
+                    self.member(raw, name, depth)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error):
             return
+
+    def _plain_npy(self, head: bytes, name: str) -> bool:
+        """True when `head` starts a .npy holding no objects: its data is never a pickle."""
+        header = _npy_header(head) if head[:6] == _NPY_MAGIC else None
+        if header is None or _has_object(header[0]):
+            return False
+        self.kind("npy")
+        return True
 
     def member(self, raw: bytes, name: str, depth: int) -> None:
         if not raw:
@@ -307,24 +334,14 @@ class _Scan:
                                             f"member could not be scanned: {why}"))
 
     def npy(self, data, member: str) -> None:
-        head = bytes(data[:12])
-        major = head[6] if len(head) > 6 else 0
-        if major == 1:
-            hlen, hstart = int.from_bytes(head[8:10], "little"), 10
-        elif major in (2, 3):
-            hlen, hstart = int.from_bytes(head[8:12], "little"), 12
-        else:
-            self.result.notes.append(f"{member or 'file'}: unknown .npy version {major}")
-            return
-        try:
-            header = ast.literal_eval(bytes(data[hstart:hstart + hlen]).decode("latin-1"))
-            descr = header["descr"]
-        except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
+        header = _npy_header(data)
+        if header is None:
             self.result.notes.append(f"{member or 'file'}: unreadable .npy header")
             return
+        descr, end = header
         self.kind("npy")
         if _has_object(descr):  # numpy pickles object arrays right after the header
-            self.pickles(data, hstart + hlen, member or "npy object array")
+            self.pickles(data, end, member or "npy object array")
 
     def tar(self, data) -> None:
         try:
@@ -381,6 +398,23 @@ def _tensor_record(raw: bytes, walked: WalkResult) -> int | None:
     if not 0 <= ndim <= 64:
         return None
     return pos + 4 + 4 + 16 * ndim + 8
+
+
+def _npy_header(data) -> tuple[object, int] | None:
+    """(descr, where the array data starts) of a .npy, or None when its header is unreadable."""
+    head = bytes(data[:12])
+    major = head[6] if len(head) > 6 else 0
+    if major == 1:
+        hlen, hstart = int.from_bytes(head[8:10], "little"), 10
+    elif major in (2, 3):
+        hlen, hstart = int.from_bytes(head[8:12], "little"), 12
+    else:
+        return None
+    try:
+        header = ast.literal_eval(bytes(data[hstart:hstart + hlen]).decode("latin-1"))
+        return header["descr"], hstart + hlen
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
+        return None
 
 
 def _has_object(descr) -> bool:

@@ -121,6 +121,27 @@ class ZipArchive:
         raise ZipError(f"{member.name[:80]} uses compression method {member.method}")
 
 
+    def read_prefix(self, member: ZipMember, n: int) -> bytes:
+        """The first `n` bytes of the member (at most), inflating no more than that."""
+        offset = self.data_offset(member)
+        end = offset + member.compressed_size
+        if member.method == STORED:
+            return bytes(self.data[offset:min(end, offset + n)])
+        if member.method != DEFLATED:
+            raise ZipError(f"{member.name[:80]} uses compression method {member.method}")
+        out, got, pos = zlib.decompressobj(-15), b"", offset
+        try:
+            while len(got) < n and pos < end:
+                chunk = bytes(self.data[pos:min(end, pos + (64 << 10))])
+                pos += len(chunk)
+                got += out.decompress(chunk, n - len(got))
+                if out.unconsumed_tail:
+                    break
+        except zlib.error as exc:
+            raise ZipError(f"cannot inflate {member.name[:80]} ({exc})") from None
+        return got[:n]
+
+
 def _fold(name: bytes) -> bytes:
     return name.lower()  # miniz's MZ_TOLOWER: ASCII only, as bytes.lower()
 
