@@ -175,3 +175,27 @@ def test_hostile_resource_use_finishes_fast_with_bounded_memory():
     assert out["huge_unicode8"]["status"] == "malformed"
     assert out["cycle"]["status"] == out["laughs"]["status"] == out["deep_tuple"]["status"] == "ok"
     assert out["shared_flat"]["status"] == "ok"
+
+
+def test_the_containers_a_pickle_builds_are_bounded():
+    """An empty set is 216 bytes from one opcode byte: a 1 MB pickle could build 200 MB of
+    them. The walker stops at MAX_BUILT_BYTES of containers and call results (unknown)."""
+    import tracemalloc
+
+    from omgtool.formats import pickle_walker as pw
+
+    def sets(n: int) -> bytes:  # [set(), set(), ...]: EMPTY_LIST MARK EMPTY_SET*n APPENDS STOP
+        return b"\x80\x04](" + b"\x8f" * n + b"e."
+
+    fits = pw.walk(sets(100_000))  # 22 MB of sets: read
+    assert len(fits.value) == 100_000
+    n = pw.MAX_BUILT_BYTES // 216 + 50_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(pw.MalformedPickle, match="MiB of values built") as info:
+            pw.walk(sets(n))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < pw.MAX_BUILT_BYTES + (40 << 20)
+    assert any(f.name == "<scan stopped>" and f.grade == "unknown" for f in info.value.result.findings)

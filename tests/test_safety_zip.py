@@ -116,23 +116,40 @@ def _memory_peak(fn):
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("view", ["torch", "zipfile"])
-def test_a_deflate_bomb_is_not_inflated_past_the_cap(tmp_path, view):
+@pytest.mark.parametrize("where", ["torch's pickle", "another member", "zipfile view"])
+def test_a_deflate_bomb_is_not_inflated_past_the_cap(tmp_path, where):
     import io
 
+    from omgtool.errors import UnreadableInput
     from omgtool.formats import scan
 
+    bomb = b"(" * (2 * scan.MAX_INFLATED_BYTES)  # 2x the cap of MARK opcodes, about 130 KB deflated
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:  # 2x the cap of MARK opcodes, about 130 KB
-        zf.writestr("archive/data.pkl", b"(" * (2 * scan.MAX_INFLATED_BYTES), compress_type=zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(buf, "w") as zf:
+        if where == "another member":
+            zf.writestr("archive/data.pkl", A_PKL)
+            zf.writestr("archive/data/0", A_DATA)
+        zf.writestr("archive/extra.pkl" if where == "another member" else "archive/data.pkl", bomb,
+                    compress_type=zipfile.ZIP_DEFLATED)
     path = tmp_path / "bomb.pth"
-    # "zipfile": data prepended to the archive; only Python's zipfile corrects its offsets
-    path.write_bytes((b"\0" * 4096 if view == "zipfile" else b"") + buf.getvalue())
-    result, peak = _memory_peak(lambda: scan_file(path))
+    # "zipfile view": data prepended to the archive; only Python's zipfile corrects its offsets
+    path.write_bytes((b"\0" * 4096 if where == "zipfile view" else b"") + buf.getvalue())
+
+    def scan_it():
+        try:
+            return scan_file(path)
+        except UnreadableInput as exc:
+            return exc
+
+    result, peak = _memory_peak(scan_it)
+    assert peak < scan.MAX_INFLATED_BYTES + (8 << 20)  # never the whole 128 MiB
+    if where == "torch's pickle":  # refused as the reader refuses it: too large to inflate
+        assert isinstance(result, UnreadableInput) and "implausibly large" in str(result)
+        return
     assert result.verdict == "unknown"
     unscanned = [f.member for f in result.findings if f.name == "<member not scanned>"]
-    assert unscanned and all(("(zipfile view)" in m) == (view == "zipfile") for m in unscanned), result.findings
-    assert peak < scan.MAX_INFLATED_BYTES + (8 << 20)  # never the whole 128 MiB
+    assert unscanned and all(("(zipfile view)" in m) == (where == "zipfile view") for m in unscanned), \
+        result.findings
 
 
 def test_a_large_compressed_npy_without_objects_is_scanned_by_its_header(tmp_path):

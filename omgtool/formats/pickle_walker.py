@@ -48,6 +48,9 @@ MAX_LONG_BYTES = 1 << 16
 MAX_EMBEDDED_DEPTH = 2
 MAX_VALUE_DEPTH = 100  # deeper structure is summarised as an Opaque in the returned value
 MAX_INLINE_BYTES = 64 << 20  # longer bytes/str arguments are stepped over, not copied
+# containers and call results built, by their rough CPython size (an empty set is 216 bytes
+# from one opcode byte): at most this many bytes, or 8x the pickle's own size if that is more
+MAX_BUILT_BYTES = 96 << 20
 HIGHEST_PROTOCOL = 5
 
 
@@ -461,6 +464,8 @@ class _Machine:
         self.depth = depth
         self.max_opcodes = max_opcodes
         self.embedded_budget = MAX_EMBEDDED_OPCODES
+        self.built = 0  # estimated bytes of the containers and call results built so far
+        self.max_built = max(MAX_BUILT_BYTES, 8 * len(data))
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo = _Memo()
@@ -538,6 +543,13 @@ class _Machine:
         if len(self.stack) >= MAX_STACK:
             raise _LimitReached("stack size limit")
         self.stack.append(value)
+
+    def push_built(self, value, cost: int):
+        """push a new container or call result of about `cost` bytes, within the budget."""
+        self.built += cost
+        if self.built > self.max_built:
+            raise _LimitReached(f"more than {self.max_built >> 20} MiB of values built")
+        self.push(value)
 
     def push_text(self, value):
         self.push(value)
@@ -707,7 +719,7 @@ def _op_dict(m):
     items = m.pop_mark()
     if len(items) % 2:
         raise MalformedPickle("odd number of items for DICT")
-    m.push({_key(k): v for k, v in zip(items[::2], items[1::2])})
+    m.push_built({_key(k): v for k, v in zip(items[::2], items[1::2])}, 64 + 20 * len(items))
 
 
 def _op_tuple_n(n):
@@ -716,8 +728,18 @@ def _op_tuple_n(n):
             raise MalformedPickle("unpickling stack underflow")
         items = tuple(m.stack[len(m.stack) - n:]) if n else ()
         del m.stack[len(m.stack) - n:]
-        m.push(items)
+        m.push_built(items, 40 + 8 * n)
     return op
+
+
+def _op_tuple(m):
+    items = m.pop_mark()
+    m.push_built(tuple(items), 40 + 8 * len(items))
+
+
+def _op_list(m):
+    items = m.pop_mark()
+    m.push_built(items, 56 + 8 * len(items))
 
 
 def _op_mark(m):
@@ -814,7 +836,8 @@ def _op_additems(m):
 
 
 def _op_frozenset(m):
-    m.push(frozenset(_key(x) for x in m.pop_mark()))
+    items = m.pop_mark()
+    m.push_built(frozenset(_key(x) for x in items), 216 + 30 * len(items))
 
 
 def _op_global(m):
@@ -842,7 +865,7 @@ def _op_reduce(m):
             args = ()
         else:
             raise MalformedPickle("REDUCE without an argument tuple")
-    m.push(m.call(func, args))
+    m.push_built(m.call(func, args), 112)
 
 
 def _op_build(m):
@@ -864,7 +887,7 @@ def _op_newobj(m):
     cls = m.pop()
     if not isinstance(args, tuple):
         raise MalformedPickle("NEWOBJ expected an arg tuple")
-    m.push(m.call(cls, args))
+    m.push_built(m.call(cls, args), 112)
 
 
 def _op_newobj_ex(m):
@@ -873,12 +896,12 @@ def _op_newobj_ex(m):
     cls = m.pop()
     if not isinstance(args, tuple) or not isinstance(kwargs, dict):
         raise MalformedPickle("NEWOBJ_EX expected an arg tuple and a kwargs dict")
-    m.push(m.call(cls, args, {str(k): v for k, v in kwargs.items()}))
+    m.push_built(m.call(cls, args, {str(k): v for k, v in kwargs.items()}), 112)
 
 
 def _instantiate(m, cls, args):
     if isinstance(cls, Refused) or isinstance(cls, Opaque) and cls.what.endswith("(allowed)"):
-        m.push(m.call(cls, args))
+        m.push_built(m.call(cls, args), 112)
         return
     # INST/OBJ construct or call: an allowlisted global is not built this way by torch
     what = getattr(cls, "what", None) or getattr(cls, "__name__", type(cls).__name__)
@@ -1013,18 +1036,18 @@ for _code, _name, _handler in [
     (b"\x88", "NEWTRUE", _push(True)),
     (b"\x89", "NEWFALSE", _push(False)),
     (b")", "EMPTY_TUPLE", _push(())),
-    (b"]", "EMPTY_LIST", lambda m: m.push([])),
-    (b"}", "EMPTY_DICT", lambda m: m.push({})),
-    (b"\x8f", "EMPTY_SET", lambda m: m.push(set())),
+    (b"]", "EMPTY_LIST", lambda m: m.push_built([], 56)),
+    (b"}", "EMPTY_DICT", lambda m: m.push_built({}, 64)),
+    (b"\x8f", "EMPTY_SET", lambda m: m.push_built(set(), 216)),
     (b"(", "MARK", _op_mark),
     (b"1", "POP_MARK", _op_pop_mark),
     (b"0", "POP", _op_pop),
     (b"2", "DUP", _op_dup),
-    (b"t", "TUPLE", lambda m: m.push(tuple(m.pop_mark()))),
+    (b"t", "TUPLE", _op_tuple),
     (b"\x85", "TUPLE1", _op_tuple_n(1)),
     (b"\x86", "TUPLE2", _op_tuple_n(2)),
     (b"\x87", "TUPLE3", _op_tuple_n(3)),
-    (b"l", "LIST", lambda m: m.push(list(m.pop_mark()))),
+    (b"l", "LIST", _op_list),
     (b"d", "DICT", _op_dict),
     (b"\x91", "FROZENSET", _op_frozenset),
     (b"a", "APPEND", _op_append),

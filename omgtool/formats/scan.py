@@ -246,6 +246,7 @@ class _Scan:
             archive = None
             if primary:
                 self.result.notes.append(f"torch cannot read this zip ({exc})")
+        main = None  # the member torch would unpickle, in the file's own archive
         if archive is not None:
             names = [m.name for m in archive.members]
             if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
@@ -258,7 +259,8 @@ class _Scan:
                     prefix = archive.prefix
                 except ZipError:
                     prefix = ""
-                is_torch = bool(prefix) and archive.locate(prefix + "data.pkl") is not None
+                main = archive.locate(prefix + "data.pkl") if prefix else None
+                is_torch = main is not None
                 is_npz = bool(names) and all(n.endswith(".npy") for n in names)
                 self.kind("torch-zip" if is_torch else "npz" if is_npz else "zip")
             for m in archive.members[:MAX_MEMBERS]:
@@ -274,6 +276,9 @@ class _Scan:
                     else:
                         raw = archive.read(m, MAX_INFLATED_BYTES)
                 except ZipError as exc:
+                    if main is not None and m.header_offset == main.header_offset:
+                        # the pickle torch would load, which the reader refuses to inflate too
+                        raise UnreadableInput(f"corrupt zip archive ({exc})", self.result.path) from None
                     self._unscanned(label + m.name, str(exc))
                     continue
                 self.member(raw, label + m.name, depth)
