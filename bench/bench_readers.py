@@ -111,6 +111,14 @@ def _nested_lists(path: Path) -> str:
     return "torch zip, 10,000 lists nested 95 deep"
 
 
+def _empty_sets(path: Path) -> str:
+    from tests.ckpt_builders import write_torch_zip
+
+    # {"m": [set(), set(), ...]}: one opcode byte per 216-byte set (the walker's value budget)
+    write_torch_zip(path, b"\x80\x02}q\x00X\x01\x00\x00\x00mq\x01](" + b"\x8f" * 3_900_000 + b"es.", {})
+    return "torch zip, 3.9M empty sets"
+
+
 def _deflate_bomb(path: Path) -> str:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", b"(" * (1 << 30), compress_type=zipfile.ZIP_DEFLATED)
@@ -135,6 +143,7 @@ CASES = [("big_header.safetensors", _safetensors_big_header, []),
          ("wide_floats.pth", _wide_floats, []),
          ("wide_dict.pth", _wide_dict, []),
          ("nested_lists.pth", _nested_lists, []),
+         ("empty_sets.pth", _empty_sets, []),
          ("deflate_bomb.pth", _deflate_bomb, []),
          ("zero_stride.pth", _zero_stride, ["--stats"])]
 DIFFS = ["wide_metadata.pth"]  # `omgtool diff --json FILE FILE`: both sides walked and summarised
