@@ -579,3 +579,19 @@ def test_huge_string_length_in_a_small_pickle(tmp_path):
     pkl = b"\x80\x04\x8d" + struct.pack("<Q", 900 << 20) + b"abc" + b"."  # BINUNICODE8 claiming 900 MiB
     path = _zip(tmp_path, pkl)
     _exit(path, 2)
+
+
+def test_the_main_pickle_is_walked_once(monkeypatch):
+    """The scanner's walk of torch's data.pkl is the one the reader uses (same bytes, same
+    mode, no trusted globals); with trusted globals the reader walks it itself."""
+    from omgtool.formats import open_checkpoint, torch_file
+    from tests.paths import FINETUNE
+
+    calls = []
+    real = torch_file._walk
+    monkeypatch.setattr(torch_file, "_walk", lambda *a: calls.append(a[1]) or real(*a))
+    once = open_checkpoint(FINETUNE)
+    assert calls == []
+    again = open_checkpoint(FINETUNE, allow_globals=["collections.OrderedDict"])
+    assert len(calls) == 1 and calls[0].endswith("data.pkl")
+    assert once.tensors == again.tensors and once.metadata.keys() == again.metadata.keys()

@@ -34,7 +34,7 @@ def open_file(path: Path) -> Checkpoint:
     if scanned.unsafe and current_policy().refuse:
         raise scanned.error()
     try:
-        ckpt = _read_file(path)
+        ckpt = _read_file(path, scanned.main_walk)
     except UnreadableInput:
         if not scanned.unsafe:
             raise
@@ -44,8 +44,9 @@ def open_file(path: Path) -> Checkpoint:
     return ckpt
 
 
-def _read_file(path: Path) -> Checkpoint:
-    """Read one file; the reader is chosen by content (formats.sniff), not by the suffix."""
+def _read_file(path: Path, main_walk=None) -> Checkpoint:
+    """Read one file; the reader is chosen by content (formats.sniff), not by the suffix.
+    main_walk: the scanner's walk of a torch zip's data.pkl, (member name, WalkResult)."""
     from omgtool.formats.safetensors_file import read_safetensors
     from omgtool.formats.sniff import sniff
     from omgtool.formats.torch_file import read_torch_legacy, read_torch_zip
@@ -56,8 +57,9 @@ def _read_file(path: Path) -> Checkpoint:
             from omgtool.formats.manifest import read_manifest
 
             return read_manifest(path)
-        reader = {"torch-zip": read_torch_zip, "torch-legacy": read_torch_legacy,
-                  "safetensors": read_safetensors}[kind]
+        if kind == "torch-zip":
+            return read_torch_zip(path, main_walk)
+        reader = {"torch-legacy": read_torch_legacy, "safetensors": read_safetensors}[kind]
         return reader(path)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise UnreadableInput(exc.strerror or str(exc), path) from None

@@ -87,6 +87,9 @@ class ScanResult:
     globals_seen: set[str] = field(default_factory=set)
     streams: int = 0
     notes: list[str] = field(default_factory=list)
+    # the walk of the pickle torch would load (a torch zip's data.pkl, whole, no trusted
+    # globals): the reader takes it instead of walking the same bytes again
+    main_walk: tuple[str, WalkResult] | None = None
 
     @property
     def verdict(self) -> str:
@@ -148,6 +151,7 @@ class _Scan:
         self.allow = allow
         self._seen: set[tuple] = set()
         self.budget = MAX_FILE_OPCODES
+        self.main_member: str | None = None  # set while torch's own data.pkl is scanned
 
     # --- bookkeeping ------------------------------------------------------------------
     def absorb(self, walked: WalkResult | None) -> None:
@@ -184,6 +188,8 @@ class _Scan:
         self.budget -= walked.opcodes
         self.absorb(walked)
         self.result.streams += 1
+        if member == self.main_member and start == 0 and not self.allow and not walked.overrun:
+            self.result.main_walk = (member, walked)
         if walked.overrun:
             self._memory(data, start, member)
         return walked
@@ -281,7 +287,10 @@ class _Scan:
                         raise UnreadableInput(f"corrupt zip archive ({exc})", self.result.path) from None
                     self._unscanned(label + m.name, str(exc))
                     continue
+                is_main = main is not None and m.header_offset == main.header_offset and depth == 0
+                self.main_member = label + m.name if is_main else None
                 self.member(raw, label + m.name, depth)
+                self.main_member = None
         self._zipfile_view(data, label, depth, scanned)
 
     def _zipfile_view(self, data, label: str, depth: int, scanned: set[int]) -> None:

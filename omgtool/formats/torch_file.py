@@ -23,9 +23,10 @@ LEGACY_PROTOCOL = 1001
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # 30 bytes
 
 
-def read_torch_zip(path: Path) -> Checkpoint:
+def read_torch_zip(path: Path, main_walk: tuple[str, WalkResult] | None = None) -> Checkpoint:
     """Read the archive as torch's PyTorchFileReader does (zip_reader). Safety is decided by
-    formats/scan.py before this runs; here the main pickle is walked for its tensors only."""
+    formats/scan.py before this runs; here the main pickle is walked for its tensors only
+    (`main_walk`: the scanner's walk of the same member, (name, result), taken as it is)."""
     import mmap
 
     from omgtool.formats.zip_reader import ZipError, read_zip
@@ -53,8 +54,11 @@ def read_torch_zip(path: Path) -> Checkpoint:
                 if order != b"little":
                     raise UnreadableInput("big-endian checkpoints are not supported" if order == b"big" else
                                           f"{byteorder.name} says {order[:20]!r}, not little or big", path)
-            limit = MAX_PICKLE_BYTES if main.is_stored else MAX_INFLATED_PICKLE_BYTES
-            walked = _walk(archive.read(main, limit), main.name, path)
+            if main_walk is not None and main_walk[0] == main.name:
+                walked = main_walk[1]
+            else:
+                limit = MAX_PICKLE_BYTES if main.is_stored else MAX_INFLATED_PICKLE_BYTES
+                walked = _walk(archive.read(main, limit), main.name, path)
         except ZipError as exc:
             raise UnreadableInput(zip_truncation(path) or f"corrupt zip archive ({exc})", path) from None
         safety = SafetyReport(globals_seen=sorted(walked.globals_seen))
