@@ -239,3 +239,17 @@ def test_settings_are_checked():
         nf4.QuantSettings(quant_type="int4")
     with pytest.raises(ValueError):
         nf4.QuantSettings(load_dtype="fp8")
+
+
+def test_the_few_codes_path_is_the_tree():
+    """The lookup's fix-up (bucketize for NF4) on the values that reach it: thresholds, their
+    neighbours, signalling-style NaNs beside infinity (their bucket holds inf too), zeros."""
+    th = torch.tensor(nf4.NF4_THRESHOLDS, dtype=torch.float32)
+    nans = torch.tensor([0x7F800001, 0x7F80FFFF, 0xFF800001 - (1 << 32), 0x7FC00000], dtype=torch.int32)
+    x = torch.cat([th, torch.nextafter(th, torch.tensor(2.0)), torch.nextafter(th, torch.tensor(-2.0)),
+                   nans.view(torch.float32), torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf")]),
+                   torch.rand(5000, generator=torch.Generator().manual_seed(9)) * 2 - 1])
+    for quant_type in ("nf4", "fp4"):
+        assert torch.equal(nf4._few_codes(x, quant_type), nf4.codes_of(x, quant_type)), quant_type
+    assert torch.equal(nf4._table_values(x.clone(), "nf4").view(torch.int32),
+                       nf4.table("nf4")[nf4.codes_of(x, "nf4").long()].view(torch.int32))

@@ -182,9 +182,19 @@ def _table_values(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     # the marker compared as bits: the float compare against a scalar is the slower CPU kernel
     unsure = (values.view(torch.int32) == _AMBIGUOUS_BITS).nonzero().squeeze(1)
     if unsure.numel():
-        exact = codes_of(scaled.index_select(0, unsure), quant_type)
+        exact = _few_codes(scaled.index_select(0, unsure), quant_type)
         values[unsure] = table(quant_type, scaled.device)[exact.long()]
     return values
+
+
+def _few_codes(x: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """codes_of for a few values: for NF4 one bucketize (the count of thresholds x strictly
+    exceeds, as the tree's `>`; NaN, which bucketize sorts last, exceeds none) instead of 30
+    small ops."""
+    if quant_type != "nf4":
+        return codes_of(x, quant_type)
+    codes = torch.bucketize(x, _f32(NF4_THRESHOLDS, x.device), right=False)
+    return torch.where(torch.isnan(x), 0, codes).to(torch.uint8)
 
 
 def pack(codes: torch.Tensor, numel: int) -> torch.Tensor:
