@@ -100,10 +100,9 @@ def main() -> None:
                 runs[name].append(run_once(cmd, env={**compiled, **(env or {})}))
         rows = [(name, {"wall_s": min(r["wall_s"] for r in runs[name]), "cpu_s": min(r["cpu_s"] for r in runs[name]),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[name])}) for name, _, _ in commands]
-        child_env = {**os.environ, **compiled}
-        child_env.pop("PYTHONDONTWRITEBYTECODE")
         parts = [json.loads(subprocess.run([py, "-c", BREAKDOWN, ckpt], cwd=ROOT, capture_output=True, text=True,
-                                           env=child_env, check=True).stdout) for _ in range(args.repeat + 1)][1:]
+                                           env={**os.environ, **compiled}, check=True).stdout)
+                 for _ in range(args.repeat + 1)][1:]
     flags = {k: parts[0][k] for k in ("pydantic imported", "torch imported")}
     breakdown = {k: min(p[k] for p in parts) for k in parts[0] if k not in flags}
     wall = {name: r["wall_s"] for name, r in rows}

@@ -33,12 +33,9 @@ SCHEMAS: dict[str, type] = {}  # every schema class by name (mapping_cache rebui
 
 
 def schema(cls):
+    cls.__pydantic_config__ = {"extra": "forbid"}  # pydantic refuses unknown keys
     SCHEMAS[cls.__name__] = cls = dataclass(frozen=True, kw_only=True)(cls)
     return cls
-
-
-class _Strict:
-    __pydantic_config__ = {"extra": "forbid"}
 
 
 class _Invalid(ValueError):
@@ -56,7 +53,7 @@ def _validate(cls: type, data: dict) -> Any:
 
 
 @schema
-class WeightSpec(_Strict):
+class WeightSpec:
     name: str  # template; `{layer}` stands for the layer index
     group: str
     dims: list[str] = field(default_factory=list)  # meaning of each shape dim; "_" = don't care
@@ -67,7 +64,7 @@ class WeightSpec(_Strict):
 
 
 @schema
-class ArchitectureMapping(_Strict):
+class ArchitectureMapping:
     kind: Literal["architecture"]
     name: str
     description: str
@@ -93,7 +90,7 @@ class ArchitectureMapping(_Strict):
 
 
 @schema
-class ComponentSpec(_Strict):
+class ComponentSpec:
     name: str
     architecture: str
     prefixes: list[str]  # tried longest first
@@ -119,7 +116,7 @@ class ComponentSpec(_Strict):
 
 
 @schema
-class LoraSpec(_Strict):
+class LoraSpec:
     alpha_from: Literal["mapping", "adapter_config"] = "mapping"
     default_alpha: float | None = None
     alpha_source: str = ""
@@ -136,7 +133,7 @@ class LoraSpec(_Strict):
 
 
 @schema
-class StageSpec(_Strict):
+class StageSpec:
     name: str
     when: Literal["lora", "no-lora", "always"]
     description: str = ""
@@ -145,14 +142,14 @@ class StageSpec(_Strict):
 
 
 @schema
-class TokenSpec(_Strict):
+class TokenSpec:
     content: str
     embedded: bool = True  # False: added after the embedding resize, so its id has no row
     description: str = ""
 
 
 @schema
-class TokensSpec(_Strict):
+class TokensSpec:
     """Special tokens training added to the base tokenizer, in order: ids V, V+1, ... (V = base size)."""
 
     added: list[TokenSpec]
@@ -168,7 +165,7 @@ class TokensSpec(_Strict):
 
 
 @schema
-class QloraSpec(_Strict):
+class QloraSpec:
     """How training held the frozen base: bitsandbytes 4-bit, each setting with its source
     (merge-lora --base-weights nf4-dequant, verify --reference nf4; see omgtool.arch.qlora)."""
 
@@ -192,7 +189,7 @@ class QloraSpec(_Strict):
 
 
 @schema
-class FamilyMapping(_Strict):
+class FamilyMapping:
     kind: Literal["family"]
     name: str
     description: str
@@ -217,21 +214,21 @@ class FamilyMapping(_Strict):
 
 
 @schema
-class RenameRule(_Strict):
+class RenameRule:
     source: str  # template in the source architecture
     target: str | list[str]  # template(s) in the target architecture
     transform: str = "identity"  # named transform in omgtool.kernels.transforms
 
 
 @schema
-class ConfigRewrite(_Strict):
+class ConfigRewrite:
     drop: list[str] = field(default_factory=list)
     rename: dict[str, str] = field(default_factory=dict)
     set: dict[str, Any] = field(default_factory=dict)
 
 
 @schema
-class ConversionMapping(_Strict):
+class ConversionMapping:
     kind: Literal["conversion"]
     name: str
     description: str
@@ -243,13 +240,13 @@ class ConversionMapping(_Strict):
 
 
 @schema
-class PrefixRule(_Strict):
+class PrefixRule:
     source: str  # key prefix in the source file
     target: str  # the prefix it becomes in the target module's state dict
 
 
 @schema
-class KeyLayout(_Strict):
+class KeyLayout:
     """One way a file can name the weights: prefix renames, plus prefixes knowingly ignored."""
 
     name: str
@@ -259,7 +256,7 @@ class KeyLayout(_Strict):
 
 
 @schema
-class KeyMapMapping(_Strict):
+class KeyMapMapping:
     """Prefix renames from the layouts a file may have to a module's own state-dict names
     (e.g. the OMG-Seg checkpoint or an open_clip state dict -> open_clip's vision tower)."""
 

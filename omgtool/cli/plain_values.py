@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 _INT_WITH_ZERO_FRACTION = re.compile(r"[+-]?[0-9][0-9_]*\.0+")
 
@@ -49,8 +49,6 @@ _SCALARS = {str, int, float, bool, Path}
 
 def _leaf(descriptor) -> Any | None:
     """The plain scalar type a parameter's values have, or None where Typer must coerce."""
-    from typing import get_args, get_origin
-
     info = descriptor.parameter_info
     if (descriptor.is_file or descriptor.is_choice or descriptor.is_datetime or info.parser is not None
             or info.clamp or getattr(info, "path_type", None) not in (None, Path)):

@@ -273,6 +273,7 @@ class _Scan:
                 scanned.add(m.header_offset)
                 if _STORAGE_MEMBER.fullmatch(m.name):
                     continue
+                is_main = main is not None and m.header_offset == main.header_offset
                 try:
                     if m.is_stored:
                         raw = archive.read(m, MAX_MEMBER_BYTES)
@@ -282,13 +283,11 @@ class _Scan:
                     else:
                         raw = archive.read(m, MAX_INFLATED_BYTES)
                 except ZipError as exc:
-                    if main is not None and m.header_offset == main.header_offset:
-                        # the pickle torch would load, which the reader refuses to inflate too
+                    if is_main:  # the pickle torch would load, which the reader refuses to inflate too
                         raise UnreadableInput(f"corrupt zip archive ({exc})", self.result.path) from None
                     self._unscanned(label + m.name, str(exc))
                     continue
-                is_main = main is not None and m.header_offset == main.header_offset and depth == 0
-                self.main_member = label + m.name if is_main else None
+                self.main_member = label + m.name if is_main and depth == 0 else None
                 self.member(raw, label + m.name, depth)
                 self.main_member = None
         self._zipfile_view(data, label, depth, scanned)

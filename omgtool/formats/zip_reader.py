@@ -120,7 +120,6 @@ class ZipArchive:
             return data
         raise ZipError(f"{member.name[:80]} uses compression method {member.method}")
 
-
     def read_prefix(self, member: ZipMember, n: int) -> bytes:
         """The first `n` bytes of the member (at most), inflating no more than that."""
         offset = self.data_offset(member)

@@ -323,8 +323,6 @@ def dequantize_4bit(state: QuantState) -> torch.Tensor:
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-
-
 def load_absmax(w: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
     """block_absmax(w.to(load_dtype)) without converting w: rounding is monotone and symmetric,
     so the rounded max |w| is the max of the rounded |w|."""
