@@ -36,6 +36,14 @@ def _omg_like() -> "collections.OrderedDict[str, torch.Tensor]":
     return sd
 
 
+def _fresh_copy(src: Path, dst: Path) -> Path:
+    """A copy of folder `src` at `dst`, replacing whatever a previous run left there."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
 def build(root: Path) -> list[Path]:
     root.mkdir(parents=True, exist_ok=True)
     sd = _omg_like()
@@ -70,19 +78,11 @@ def build(root: Path) -> list[Path]:
     (sharded / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "hidden_size": 4,
                                                      "vocab_size": 8, "rms_norm_eps": 1e-5}))
     seeds.append(sharded)
-    adapter = root / "adapter"
-    if adapter.exists():
-        shutil.rmtree(adapter)
-    shutil.copytree(ADAPTER, adapter)
-    seeds.append(adapter)
+    seeds.append(_fresh_copy(ADAPTER, root / "adapter"))
     manifest = root / "shapes.json"
     manifest.write_text(json.dumps({"format_version": 1, "source": "omg_like.pth", "tensors": [
         {"name": k, "shape": list(v.shape), "dtype": None if i % 3 == 0 else "F32"}
         for i, (k, v) in enumerate(sd.items())]}))
     seeds.append(manifest)
-    base = root / "internlm2-base"
-    if base.exists():
-        shutil.rmtree(base)
-    shutil.copytree(BASE, base)
-    seeds.append(base)
+    seeds.append(_fresh_copy(BASE, root / "internlm2-base"))
     return seeds
